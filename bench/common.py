@@ -1,0 +1,166 @@
+"""The one timing helper every benchmark in bench/ shares.
+
+- ``require_gpu_or_exit()``: on a machine without a usable GPU, print one sentence and exit 1.
+- ``time_fn(fn)``: CUDA events around each call after warm-up, the L2 cache flushed before each
+  call (a write over a buffer twice the L2 size), median with p20/p80, in microseconds.
+- ``measure_ceilings()``: the device-to-device copy bandwidth (bytes read + written) and the fp16
+  matmul rate through torch (cuBLAS), measured in the run itself; floors come from these.
+- ``Results``: records (op, case, impl, median_us, derived TFLOP/s and TB/s), a GitHub table, JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+
+def require_gpu_or_exit():
+    """Return cupy, or print why no GPU can be used and exit with status 1."""
+    from cuflash import _jit
+
+    reason = _jit.gpu_unavailable_reason()
+    if reason is not None:
+        print(f"This benchmark needs a CUDA GPU and none can be used here: {reason}.", file=sys.stderr)
+        sys.exit(1)
+    return _jit.require_cupy()
+
+
+def _percentile(xs, q):
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))
+    return xs[i]
+
+
+@dataclass
+class Timing:
+    median_us: float
+    p20_us: float
+    p80_us: float
+    n: int
+
+
+class _L2Flusher:
+    def __init__(self, cp):
+        l2 = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["l2CacheSize"]
+        self.buf = cp.empty(max(2 * l2, 64 << 20) // 4, dtype=cp.int32)
+
+    def __call__(self):
+        self.buf.fill(1)
+
+
+def time_fn(fn, *, warmup: int = 5, iters: int = 50, flush_l2: bool = True, stream=None) -> Timing:
+    """Median time of ``fn()`` in microseconds, CUDA events around each call on ``stream``."""
+    import cupy as cp
+
+    stream = stream or cp.cuda.get_current_stream()
+    flush = _L2Flusher(cp) if flush_l2 else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    stream.synchronize()
+    times = []
+    for _ in range(iters):
+        flush()
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end) * 1e3)
+    return Timing(statistics.median(times), _percentile(times, 0.2), _percentile(times, 0.8), len(times))
+
+
+def measure_ceilings(torch_available: bool = True) -> dict:
+    """Copy bandwidth (TB/s, bytes read + written) and fp16 matmul TFLOP/s, measured here."""
+    import cupy as cp
+
+    n = 1 << 30  # 1 GiB copied
+    src = cp.ones(n // 4, dtype=cp.float32)
+    dst = cp.empty_like(src)
+    t = time_fn(lambda: dst.__setitem__(Ellipsis, src), warmup=3, iters=20, flush_l2=False)
+    out = {"copy_TBps": 2 * n / (t.median_us * 1e-6) / 1e12}
+    if torch_available:
+        import torch
+
+        m = 8192
+        a = torch.randn(m, m, device="cuda", dtype=torch.float16)
+        b = torch.randn(m, m, device="cuda", dtype=torch.float16)
+        ext = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        t = time_fn(lambda: torch.matmul(a, b), warmup=3, iters=10, flush_l2=False, stream=ext)
+        out["fp16_TFLOPs"] = 2 * m**3 / (t.median_us * 1e-6) / 1e12
+    return out
+
+
+def environment() -> dict:
+    import cupy as cp
+
+    from cuflash import _jit
+
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    env = {
+        "gpu": name,
+        "sms": props["multiProcessorCount"],
+        "cupy": cp.__version__,
+        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+        "nvrtc": ".".join(map(str, _jit.nvrtc_version())),
+        "python": platform.python_version(),
+        "kernel_source_hash": _jit.source_tree_hash()[:16],
+    }
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return env
+
+
+@dataclass
+class Record:
+    op: str
+    case: str
+    impl: str
+    median_us: float
+    p20_us: float
+    p80_us: float
+    tflops: float | None = None
+    tbps: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Results:
+    def __init__(self):
+        self.records: list[Record] = []
+
+    def add(self, op, case, impl, timing: Timing, *, flops=None, nbytes=None, **extra) -> Record:
+        sec = timing.median_us * 1e-6
+        r = Record(
+            op, case, impl, round(timing.median_us, 2), round(timing.p20_us, 2), round(timing.p80_us, 2),
+            round(flops / sec / 1e12, 1) if flops else None,
+            round(nbytes / sec / 1e12, 3) if nbytes else None,
+            extra,
+        )
+        self.records.append(r)
+        return r
+
+    def table(self, baseline_impl: str | None = None) -> str:
+        rows = ["| op | case | impl | median us | p20-p80 us | TFLOP/s | TB/s |" + (" speedup |" if baseline_impl else ""),
+                "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if baseline_impl else "")]
+        base = {(r.op, r.case): r.median_us for r in self.records if r.impl == baseline_impl}
+        for r in self.records:
+            line = (f"| {r.op} | {r.case} | {r.impl} | {r.median_us:.1f} | {r.p20_us:.1f}-{r.p80_us:.1f} | "
+                    f"{'' if r.tflops is None else r.tflops} | {'' if r.tbps is None else r.tbps} |")
+            if baseline_impl:
+                b = base.get((r.op, r.case))
+                line += f" {b / r.median_us:.2f}x |" if b else " |"
+            rows.append(line)
+        return "\n".join(rows)
+
+    def write_json(self, path, meta: dict) -> None:
+        Path(path).write_text(json.dumps({"meta": meta, "records": [asdict(r) for r in self.records]}, indent=1))

@@ -1,0 +1,13 @@
+"""cuflash: NVFP4 block-scaled GEMMs and paged causal attention for Hopper, compiled at run time.
+
+``import cuflash`` needs numpy alone; the GPU entry points need CuPy and a CUDA GPU and say so
+clearly when either is missing.
+"""
+
+__version__ = "0.1.0"
+
+from . import nvfp4, reference  # noqa: E402
+from ._jit import CuflashUnavailableError  # noqa: E402
+from .nvfp4 import NVFP4Tensor, dequantize, quantize  # noqa: E402
+
+__all__ = ["__version__", "nvfp4", "reference", "CuflashUnavailableError", "NVFP4Tensor", "quantize", "dequantize"]
