@@ -4,6 +4,7 @@ expected and what arrived."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -47,10 +48,11 @@ def check_multiple(name: str, what: str, value: int, multiple: int, why: str) ->
 
 
 def check_positive_finite(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}") from None
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    v = float(value)
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {v}")
     return v

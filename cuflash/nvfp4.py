@@ -243,8 +243,6 @@ class NVFP4Tensor:
 
 
 def _as_global_scale_np(global_scale) -> np.ndarray:
-    if isinstance(global_scale, np.ndarray) and global_scale.size == 1:
-        global_scale = global_scale.reshape(()).item()
     return np.array(V.check_positive_finite("global_scale", global_scale), dtype=np.float32)
 
 
