@@ -387,7 +387,7 @@ def _store(cdir: Path, key: str, mod: CompiledModule, config: KernelConfig) -> N
 _lock = threading.RLock()
 _modules: dict[tuple[str, int], object] = {}  # (cache key, device id) -> cupy Module
 _kernels: dict[tuple[KernelConfig, str, int], "Kernel"] = {}
-_device_cc: dict[int, tuple[int, int]] = {}
+_device_info: dict[int, dict] = {}
 
 _SMEM_DEFAULT_LIMIT = 48 * 1024  # above this a kernel must opt in through a function attribute
 #: Scalar types a kernel argument may have; anything else (a bare Python int or float) is refused,
@@ -395,15 +395,24 @@ _SMEM_DEFAULT_LIMIT = 48 * 1024  # above this a kernel must opt in through a fun
 _SCALAR_TYPES = (np.int32, np.uint32, np.int64, np.uint64, np.float32, np.float64, np.uint8, np.int8, np.int16, np.uint16)
 
 
-def device_cc(device_id: int) -> tuple[int, int]:
-    with _lock:
-        cc = _device_cc.get(device_id)
-        if cc is None:
+def _device_props(device_id: int) -> dict:
+    """The few device properties launches need, read once per device (the query costs ~100 us)."""
+    props = _device_info.get(device_id)
+    if props is None:
+        with _lock:
             cp = require_cupy()
-            props = cp.cuda.runtime.getDeviceProperties(device_id)
-            cc = (int(props["major"]), int(props["minor"]))
-            _device_cc[device_id] = cc
-        return cc
+            p = cp.cuda.runtime.getDeviceProperties(device_id)
+            props = {"cc": (int(p["major"]), int(p["minor"])), "sms": int(p["multiProcessorCount"])}
+            _device_info[device_id] = props
+    return props
+
+
+def device_cc(device_id: int) -> tuple[int, int]:
+    return _device_props(device_id)["cc"]
+
+
+def sm_count(device_id: int) -> int:
+    return _device_props(device_id)["sms"]
 
 
 class Kernel:

@@ -92,9 +92,8 @@ def kernel_variants():
 
 
 def _grid(n: int, device_id: int) -> int:
-    cp = _jit.require_cupy()
-    sms = cp.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
-    return max(1, min(V.ceil_div(n, _THREADS), sms * 16))
+    # grid-stride kernels: enough blocks to fill every SM several times over, no more
+    return max(1, min(V.ceil_div(n, _THREADS), _jit.sm_count(device_id) * 16))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,14 +135,15 @@ def e2m1_encode(x):
     saturating at +-6, keeping the sign of zero. Non-finite input raises ValueError on the CPU;
     on the GPU (no host sync) NaN gives code 0 and +-inf saturates to +-6."""
     V.check_dtype("x", x, ("float32",))
-    if interop.is_cupy_array(x):
+    if interop.is_gpu_array(x):
+        ctx = interop.call_context(x=x)
         cp = _jit.require_gpu()
-        x = cp.ascontiguousarray(x)
-        out = cp.empty(x.shape, dtype=cp.uint8)
-        dev = x.device.id
-        k = _jit.get_kernel(NVFP4KernelConfig("float32"), "cuflash::e2m1_encode_kernel", dev)
-        k.launch(_grid(x.size, dev), _THREADS, (x, np.int64(x.size), out), stream=cp.cuda.get_current_stream())
-        return out
+        with ctx.device(), ctx.stream:
+            xc = cp.ascontiguousarray(ctx.cupy(x))
+            out = cp.empty(xc.shape, dtype=cp.uint8)
+            k = _jit.get_kernel(NVFP4KernelConfig("float32"), "cuflash::e2m1_encode_kernel", ctx.device_id)
+            k.launch(_grid(xc.size, ctx.device_id), _THREADS, (xc, np.int64(xc.size), out), stream=ctx.stream)
+            return ctx.to_caller(out)
     V.check_finite_numpy("x", x)
     return _e2m1_encode_np(x)
 
