@@ -31,12 +31,14 @@ struct Block16 {
   }
 };
 
-// Max |x| over the finite elements (non-finite ones are left out), as float bits: for non-negative
-// floats the unsigned order is the float order, so atomicMax on the bits is a float max.
+// stats[0]: max |x| over the finite elements, as float bits (for non-negative floats the unsigned
+// order is the float order, so atomicMax on the bits is a float max); stats[1]: 1 if any element is
+// NaN or inf. stats must be zeroed before the launch.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) nvfp4_amax(const T* __restrict__ x, long long nblocks,
-                                                       unsigned* __restrict__ amax_bits) {
+                                                       unsigned* __restrict__ stats) {
   float m = 0.0f;
+  bool finite = true;
   for (long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x; b < nblocks;
        b += (long long)gridDim.x * blockDim.x) {
     Block16<T> blk;
@@ -44,17 +46,23 @@ __global__ void __launch_bounds__(kThreads) nvfp4_amax(const T* __restrict__ x, 
 #pragma unroll
     for (int i = 0; i < kScaleBlock; ++i) {
       const float a = fabsf(blk.v[i]);
-      if (isfinite(a)) m = fmaxf(m, a);
+      const bool f = isfinite(a);
+      finite = finite && f;
+      if (f) m = fmaxf(m, a);
     }
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  if ((threadIdx.x & 31) == 0 && m > 0.0f) atomicMax(amax_bits, __float_as_uint(m));
+  const bool warp_finite = __all_sync(0xffffffffu, finite);
+  if ((threadIdx.x & 31) == 0) {
+    if (m > 0.0f) atomicMax(stats, __float_as_uint(m));
+    if (!warp_finite) atomicOr(stats + 1, 1u);
+  }
 }
 
 // gs = 2688 / amax, clamped to the largest float; 1 when the tensor has no non-zero finite value.
-__global__ void nvfp4_global_scale(const unsigned* __restrict__ amax_bits, float* __restrict__ gs) {
-  const float amax = __uint_as_float(*amax_bits);
+__global__ void nvfp4_global_scale(const unsigned* __restrict__ stats, float* __restrict__ gs) {
+  const float amax = __uint_as_float(stats[0]);
   *gs = amax > 0.0f ? fminf(__fdiv_rn(kGlobalScaleNumerator, amax), 3.402823466e38f) : 1.0f;
 }
 
