@@ -6,8 +6,13 @@ clearly when either is missing.
 
 __version__ = "0.1.0"
 
-from . import nvfp4, reference  # noqa: E402
+from . import attention, nvfp4, reference  # noqa: E402
 from ._jit import CuflashUnavailableError  # noqa: E402
+from .attention import AttentionPlan, PagedKVCache, append_paged_kv, paged_attention  # noqa: E402
 from .nvfp4 import NVFP4Tensor, dequantize, quantize  # noqa: E402
 
-__all__ = ["__version__", "nvfp4", "reference", "CuflashUnavailableError", "NVFP4Tensor", "quantize", "dequantize"]
+__all__ = [
+    "__version__", "nvfp4", "reference", "attention", "CuflashUnavailableError",
+    "NVFP4Tensor", "quantize", "dequantize",
+    "PagedKVCache", "AttentionPlan", "paged_attention", "append_paged_kv",
+]
