@@ -6,13 +6,15 @@ clearly when either is missing.
 
 __version__ = "0.1.0"
 
-from . import attention, nvfp4, reference  # noqa: E402
+from . import attention, gemm, gpumode, nvfp4, reference  # noqa: E402
 from ._jit import CuflashUnavailableError  # noqa: E402
+from .gemm import dual_gemm, group_gemm, group_gemm_ragged  # noqa: E402
 from .attention import AttentionPlan, PagedKVCache, append_paged_kv, paged_attention  # noqa: E402
 from .nvfp4 import NVFP4Tensor, dequantize, quantize  # noqa: E402
 
 __all__ = [
-    "__version__", "nvfp4", "reference", "attention", "CuflashUnavailableError",
+    "__version__", "nvfp4", "reference", "attention", "gemm", "gpumode", "CuflashUnavailableError",
+    "group_gemm", "group_gemm_ragged", "dual_gemm",
     "NVFP4Tensor", "quantize", "dequantize",
     "PagedKVCache", "AttentionPlan", "paged_attention", "append_paged_kv",
 ]

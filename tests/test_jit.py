@@ -11,7 +11,7 @@ from cuflash import _jit
 pytest.importorskip("cupy", reason="compiling needs CuPy's NVRTC bindings (pip install '.[cuda12]')")
 
 #: Every op module with kernels; each exposes kernel_variants().
-KERNEL_MODULES = ["cuflash.nvfp4", "cuflash.attention"]
+KERNEL_MODULES = ["cuflash.nvfp4", "cuflash.gemm", "cuflash.attention"]
 
 
 def _variants():

@@ -1,0 +1,343 @@
+// NVFP4 block-scaled grouped GEMM (list of groups, ragged MoE, fused dual GEMM) on mma.sync, sm_80+.
+//
+// Every problem computes C[m, n] = alpha * sum_k A[m, k] * B[n, k] (dual: silu(alpha * A B1^T) *
+// (alpha2 * A B2^T)), with
+//   B  [N, K/2] uint8   packed e2m1 weights, K-major, + sfb [N, K/16] e4m3 (plain or blocked layout)
+//   A  [M, K/2] uint8   packed e2m1 tokens + sfa (W4A4), or [M, K] fp16 / bf16 tokens (W4A16)
+//   C  [M, N]           fp16, bf16 or fp32, row stride c_row elements
+// Tensor cores have no FP4 on Hopper: both operands are dequantized inside the kernel to exact fp16
+// (bf16 when the tokens are bf16) and fed to mma.sync m16n8k16 with fp32 accumulation.
+//
+// Swapped product (Machete's trick): the kernel computes C^T = B A^T, so the weight rows N are the
+// MMA's M dimension (16 rows per MMA) and the few tokens are its N dimension (8 per MMA). A CTA owns
+// a tile of kBlockN = 128 weight rows x kBlockM tokens; four warps split the weight rows (32 each)
+// and kWarpsM warps split the tokens.
+//
+// K order inside one stage of kStageK = 64 values (the GEMM sums over k, so any permutation applied
+// to both operands alike gives the same result): thread t of a quad (t = lane % 4) owns the 16
+// values 16t .. 16t+15 of each row it touches, exactly one e4m3 scale block, and feeds k step j
+// (j = 0..3) with values 16t + 4j + {0, 1} (the MMA's k = 2t, 2t+1) and 16t + 4j + {2, 3} (its k =
+// 2t+8, 2t+9). Both operands follow the same rule, so the weights need one 8-byte shared load per
+// row per stage and the tokens one 16-byte load per 8 values, with no ldmatrix.
+//
+// Pipeline: kStages shared-memory stages filled by cp.async (weights, scales and tokens as they lie
+// in global memory), one barrier per stage. W4A4 tokens are dequantized once per CTA and stage into
+// an fp16 buffer (a second barrier), so the inner loop is the same for W4A4 and W4A16.
+// Tiles past the edges (n >= N, m >= M) load the last valid row instead (always in bounds; their
+// results are never stored).
+#include "common/dequant.cuh"
+#include "common/fp4.cuh"
+#include "common/mma.cuh"
+#include "common/tile_scheduler.cuh"
+#include "common/types.cuh"
+
+namespace cuflash {
+
+// Kinds of the token operand A.
+constexpr int kTokensNVFP4 = 0;  // packed e2m1 + e4m3 scales (W4A4)
+constexpr int kTokensF16 = 1;    // fp16 activations (W4A16)
+constexpr int kTokensBF16 = 2;   // bf16 activations (W4A16)
+
+// Output element types (runtime argument: the epilogue is the only place they differ).
+constexpr int kOutF16 = 0;
+constexpr int kOutBF16 = 1;
+constexpr int kOutF32 = 2;
+
+constexpr int kStageK = 64;                             // K values per pipeline stage
+constexpr int kStagePackedBytes = kStageK / 2;          // 32 bytes of e2m1 codes per row and stage
+constexpr int kStageScales = kStageK / kScaleBlock;     // 4 scale bytes per row and stage
+constexpr int kWarpsN = 4;                              // warps along the weight rows
+constexpr int kWarpRowsN = 32;                          // weight rows per warp: two m16 MMA tiles
+constexpr int kMmaTilesN = kWarpRowsN / 16;
+constexpr int kBlockN = kWarpsN * kWarpRowsN;           // 128 weight rows per CTA
+// fp16/bf16 token rows in shared memory: 64 values + 8 of padding = 144 bytes, so that the 16-byte
+// fragment loads of 8 lanes (2 rows x 4 quads) hit 8 distinct 4-bank groups.
+constexpr int kTokenPitch = (kStageK + 8) * 2;
+// Blocked scale layout (cuBLAS): 512-byte atoms of 128 rows x 4 scale columns.
+constexpr int kAtomRows = 128;
+constexpr int kAtomBytes = 512;
+
+// Address of the 4 scale bytes of `row` for stage kt (scale columns 4kt .. 4kt+3): contiguous and
+// 4-byte aligned in both layouts (K % 64 == 0, so a plain row holds K/16 = 4 * num_stages bytes and
+// a blocked atom row holds exactly one stage).
+__device__ __forceinline__ const unsigned char* scale_ptr(long long base, int row, int kt, long long row_bytes,
+                                                          bool blocked, int num_k_stages) {
+  if (blocked) {
+    // byte ((r / 128) * ceil(Kb / 4) + c / 4) * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + c % 4,
+    // with ceil(Kb / 4) = K / 64 = num_k_stages and c = 4 kt
+    const long long atom = static_cast<long long>(row / kAtomRows) * num_k_stages + kt;
+    return reinterpret_cast<const unsigned char*>(base) + atom * kAtomBytes + (row % 32) * 16 +
+           ((row % kAtomRows) / 32) * 4;
+  }
+  return reinterpret_cast<const unsigned char*>(base) + row * row_bytes + kt * kStageScales;
+}
+
+// MMA operand type: bf16 when the tokens are bf16, else fp16 (W4A4 values are exact in fp16).
+template <int kTokens> struct MmaType { using type = __half; };
+template <> struct MmaType<kTokensBF16> { using type = __nv_bfloat16; };
+
+template <int kBlockM, int kWarpsM, int kStages, int kTokens, bool kDual>
+struct GemmTraits {
+  using MmaT = typename MmaType<kTokens>::type;
+  static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
+  static constexpr int kWarpTokens = kBlockM / kWarpsM;   // tokens per warp
+  static constexpr int kMmaTilesM = kWarpTokens / 8;      // n8 MMA tiles per warp
+  static constexpr int kWeights = kDual ? 2 : 1;          // weight operands (B, or B1 and B2)
+  // Shared memory of one stage, every part a multiple of 16 bytes.
+  static constexpr int kWeightBytes = kBlockN * kStagePackedBytes;
+  static constexpr int kWeightScaleBytes = kBlockN * kStageScales;
+  static constexpr int kTokenBytes =
+      kTokens == kTokensNVFP4 ? kBlockM * kStagePackedBytes : kBlockM * kTokenPitch;
+  static constexpr int kTokenScaleBytes = kTokens == kTokensNVFP4 ? kBlockM * kStageScales : 0;
+  static constexpr int kStageBytes =
+      kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes + kTokenScaleBytes;
+  // W4A4: one fp16 buffer of dequantized tokens for the current stage.
+  static constexpr int kTokenF16Bytes = kTokens == kTokensNVFP4 ? kBlockM * kTokenPitch : 0;
+  static constexpr int kPipeBytes = kStages * kStageBytes + kTokenF16Bytes;
+  static_assert(kBlockM % (8 * kWarpsM) == 0, "each warp needs whole n8 MMA tiles");
+  static_assert(kStageBytes % 16 == 0, "stage buffers must stay 16-byte aligned");
+};
+
+// One tile's view of its problem.
+struct TileView {
+  const unsigned char* a;   // token matrix (row 0 of its L slice)
+  const unsigned char* b[2];
+  long long sfa, sfb[2];
+  long long a_row, b_row, sfa_row, sfb_row;
+  int rows;                 // valid token rows of the problem (M)
+  int row_base;             // first token row of the problem in its matrix (ragged)
+  int n;                    // weight rows (N)
+  int num_k_stages;
+  int m0, n0;               // first token / weight row of the tile
+  bool blocked;
+};
+
+template <class Tr, int kTokens, bool kDual>
+struct Stage {
+  unsigned char* base;
+  __device__ __forceinline__ unsigned char* weights(int w) const { return base + w * (Tr::kWeightBytes + Tr::kWeightScaleBytes); }
+  __device__ __forceinline__ unsigned char* weight_scales(int w) const { return weights(w) + Tr::kWeightBytes; }
+  __device__ __forceinline__ unsigned char* tokens() const { return base + Tr::kWeights * (Tr::kWeightBytes + Tr::kWeightScaleBytes); }
+  __device__ __forceinline__ unsigned char* token_scales() const { return tokens() + Tr::kTokenBytes; }
+};
+
+// Issue the cp.async copies of stage kt of a tile into `st` (every thread takes a share).
+template <class Tr, int kTokens, bool kDual, int kBlockM>
+__device__ __forceinline__ void load_stage(const Stage<Tr, kTokens, kDual>& st, const TileView& v, int kt) {
+  const int tid = threadIdx.x;
+  // weights: 128 rows x 2 chunks of 16 bytes, + 4 scale bytes per row
+#pragma unroll
+  for (int w = 0; w < Tr::kWeights; ++w) {
+    for (int i = tid; i < kBlockN * 2; i += Tr::kThreads) {
+      const int r = i >> 1, chunk = i & 1;
+      const int grow = min(v.n0 + r, v.n - 1);
+      cp_async_16(st.weights(w) + r * kStagePackedBytes + chunk * 16,
+                  v.b[w] + grow * v.b_row + kt * kStagePackedBytes + chunk * 16);
+    }
+    for (int r = tid; r < kBlockN; r += Tr::kThreads) {
+      const int grow = min(v.n0 + r, v.n - 1);
+      cp_async_4(st.weight_scales(w) + r * kStageScales, scale_ptr(v.sfb[w], grow, kt, v.sfb_row, v.blocked, v.num_k_stages));
+    }
+  }
+  if constexpr (kTokens == kTokensNVFP4) {
+    for (int i = tid; i < kBlockM * 2; i += Tr::kThreads) {
+      const int r = i >> 1, chunk = i & 1;
+      const int grow = v.row_base + min(v.m0 + r, v.rows - 1);
+      cp_async_16(st.tokens() + r * kStagePackedBytes + chunk * 16,
+                  v.a + grow * v.a_row + kt * kStagePackedBytes + chunk * 16);
+    }
+    for (int r = tid; r < kBlockM; r += Tr::kThreads) {
+      const int grow = v.row_base + min(v.m0 + r, v.rows - 1);
+      cp_async_4(st.token_scales() + r * kStageScales, scale_ptr(v.sfa, grow, kt, v.sfa_row, v.blocked, v.num_k_stages));
+    }
+  } else {
+    constexpr int kChunks = kStageK * 2 / 16;  // 8 chunks of 16 bytes per row and stage
+    for (int i = tid; i < kBlockM * kChunks; i += Tr::kThreads) {
+      const int r = i / kChunks, chunk = i % kChunks;
+      const int grow = v.row_base + min(v.m0 + r, v.rows - 1);
+      cp_async_16(st.tokens() + r * kTokenPitch + chunk * 16, v.a + grow * v.a_row + kt * (kStageK * 2) + chunk * 16);
+    }
+  }
+}
+
+// W4A4: dequantize the stage's packed tokens into the fp16 buffer, natural K order, 144-byte rows.
+template <class Tr, int kTokens, bool kDual, int kBlockM>
+__device__ __forceinline__ void dequant_tokens(const Stage<Tr, kTokens, kDual>& st, unsigned char* dst) {
+  for (int i = threadIdx.x; i < kBlockM * kStageScales; i += Tr::kThreads) {
+    const int r = i / kStageScales, blk = i % kStageScales;  // one scale block of 16 values
+    const uint2 packed = *reinterpret_cast<const uint2*>(st.tokens() + r * kStagePackedBytes + blk * 8);
+    const __half2 factor = scale_factor(st.token_scales()[r * kStageScales + blk]);
+    const Pairs4 lo = dequant_e2m1x8_f16(packed.x, factor);
+    const Pairs4 hi = dequant_e2m1x8_f16(packed.y, factor);
+    uint4* out = reinterpret_cast<uint4*>(dst + r * kTokenPitch + blk * 32);
+    out[0] = make_uint4(lo.p[0], lo.p[1], lo.p[2], lo.p[3]);
+    out[1] = make_uint4(hi.p[0], hi.p[1], hi.p[2], hi.p[3]);
+  }
+}
+
+// The MMAs of one stage for one warp. acc[w][mt][nt][4]: weight operand w, m16 tile mt (32 weight
+// rows per warp), n8 tile nt (tokens).
+template <class Tr, int kTokens, bool kDual>
+__device__ __forceinline__ void compute_stage(const Stage<Tr, kTokens, kDual>& st, const unsigned char* tokens_f16,
+                                              float (&acc)[Tr::kWeights][kMmaTilesN][Tr::kMmaTilesM][4],
+                                              int warp_n, int warp_m) {
+  using T = typename Tr::MmaT;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  // Raw codes and scale factors of this thread's 4 weight rows (per operand): row
+  // warp_n*32 + mt*16 + h*8 + g, values 16t .. 16t+15 of the stage.
+  uint2 raw[Tr::kWeights][kMmaTilesN][2];
+  __half2 factor[Tr::kWeights][kMmaTilesN][2];
+#pragma unroll
+  for (int w = 0; w < Tr::kWeights; ++w)
+#pragma unroll
+    for (int mt = 0; mt < kMmaTilesN; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = warp_n * kWarpRowsN + mt * 16 + h * 8 + g;
+        raw[w][mt][h] = *reinterpret_cast<const uint2*>(st.weights(w) + r * kStagePackedBytes + t * 8);
+        factor[w][mt][h] = scale_factor(st.weight_scales(w)[r * kStageScales + t]);
+      }
+  // Two halves of the stage: half s holds k steps 2s and 2s+1 (values 16t + 8s .. 16t + 8s + 7).
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    Pairs4 a[Tr::kWeights][kMmaTilesN][2];
+#pragma unroll
+    for (int w = 0; w < Tr::kWeights; ++w)
+#pragma unroll
+      for (int mt = 0; mt < kMmaTilesN; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          a[w][mt][h] = dequant_e2m1x8<T>(s == 0 ? raw[w][mt][h].x : raw[w][mt][h].y, factor[w][mt][h]);
+#pragma unroll
+    for (int nt = 0; nt < Tr::kMmaTilesM; ++nt) {
+      const int tok = warp_m * Tr::kWarpTokens + nt * 8 + g;
+      // 8 token values 16t + 8s .. +7 as 4 pairs
+      const uint4 b = *reinterpret_cast<const uint4*>(tokens_f16 + tok * kTokenPitch + (16 * t + 8 * s) * 2);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {  // k step 2s + j: values 16t + 8s + 4j + {0,1} and {2,3}
+        const unsigned bf[2] = {j == 0 ? b.x : b.z, j == 0 ? b.y : b.w};
+#pragma unroll
+        for (int w = 0; w < Tr::kWeights; ++w)
+#pragma unroll
+          for (int mt = 0; mt < kMmaTilesN; ++mt) {
+            const unsigned af[4] = {a[w][mt][0].p[2 * j], a[w][mt][1].p[2 * j], a[w][mt][0].p[2 * j + 1],
+                                    a[w][mt][1].p[2 * j + 1]};
+            mma_16816<T>(acc[w][mt][nt], af, bf);
+          }
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ void store_out(const GemmProblem& p, int out_dtype, long long row, int col, float v) {
+  const long long i = row * p.c_row + col;
+  if (out_dtype == kOutF16) reinterpret_cast<__half*>(p.c)[i] = __float2half_rn(v);
+  else if (out_dtype == kOutBF16) reinterpret_cast<__nv_bfloat16*>(p.c)[i] = __float2bfloat16_rn(v);
+  else reinterpret_cast<float*>(p.c)[i] = v;
+}
+
+// Persistent grouped GEMM. problems [num_problems] (GemmProblem); offsets [groups + 1] int32 for
+// ragged problems (else unused); blocked_scales: 0 plain, 1 blocked; out_dtype: kOut*.
+template <int kBlockM, int kWarpsM, int kStages, int kTokens, bool kDual>
+__global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens, kDual>::kThreads)
+    group_gemm_kernel(const GemmProblem* __restrict__ problems, int num_problems, const int* __restrict__ offsets,
+                      int blocked_scales, int out_dtype) {
+  using Tr = GemmTraits<kBlockM, kWarpsM, kStages, kTokens, kDual>;
+  using St = Stage<Tr, kTokens, kDual>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  int* prefix = reinterpret_cast<int*>(smem + Tr::kPipeBytes);
+  unsigned char* tokens_f16_buf = smem + kStages * Tr::kStageBytes;  // W4A4 only
+
+  build_tile_prefix<kBlockM, kBlockN>(problems, num_problems, offsets, prefix);
+  const int total_tiles = prefix[num_problems];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp_n = warp % kWarpsN, warp_m = warp / kWarpsN;
+
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const int pi = find_problem(prefix, num_problems, tile);
+    const GemmProblem& p = problems[pi];
+    const ProblemRows rows = problem_rows(p, offsets);
+    const int local = tile - prefix[pi];
+    const int m_tiles = ceil_div_dev(rows.rows, kBlockM);
+
+    TileView v;
+    v.a = reinterpret_cast<const unsigned char*>(p.a);
+    v.b[0] = reinterpret_cast<const unsigned char*>(p.b);
+    v.b[1] = reinterpret_cast<const unsigned char*>(kDual ? p.b2 : p.b);
+    v.sfa = p.sfa;
+    v.sfb[0] = p.sfb;
+    v.sfb[1] = kDual ? p.sfb2 : p.sfb;
+    v.a_row = p.a_row;
+    v.b_row = p.b_row;
+    v.sfa_row = p.sfa_row;
+    v.sfb_row = p.sfb_row;
+    v.rows = rows.rows;
+    v.row_base = rows.row_base;
+    v.n = p.n;
+    v.num_k_stages = p.k / kStageK;
+    v.m0 = (local % m_tiles) * kBlockM;
+    v.n0 = (local / m_tiles) * kBlockN;
+    v.blocked = blocked_scales != 0;
+
+    float acc[Tr::kWeights][kMmaTilesN][Tr::kMmaTilesM][4];
+#pragma unroll
+    for (int w = 0; w < Tr::kWeights; ++w)
+#pragma unroll
+      for (int mt = 0; mt < kMmaTilesN; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < Tr::kMmaTilesM; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[w][mt][nt][e] = 0.0f;
+
+    // The previous tile's last stage may still be read by other warps.
+    __syncthreads();
+    const int kts = v.num_k_stages;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < kts) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + s * Tr::kStageBytes}, v, s);
+      cp_async_commit();  // empty groups keep the count uniform
+    }
+    for (int kt = 0; kt < kts; ++kt) {
+      cp_async_wait<kStages - 2>();  // stage kt has landed (for this thread's copies) ...
+      __syncthreads();               // ... for every thread's; all are done with stage kt - 1
+      const int next = kt + kStages - 1;
+      if (next < kts) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + (next % kStages) * Tr::kStageBytes}, v, next);
+      cp_async_commit();
+      const St st{smem + (kt % kStages) * Tr::kStageBytes};
+      const unsigned char* tokens_f16 = st.tokens();
+      if constexpr (kTokens == kTokensNVFP4) {
+        dequant_tokens<Tr, kTokens, kDual, kBlockM>(st, tokens_f16_buf);
+        __syncthreads();
+        tokens_f16 = tokens_f16_buf;
+      }
+      compute_stage<Tr, kTokens, kDual>(st, tokens_f16, acc, warp_n, warp_m);
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: acc[w][mt][nt][2h + e] is (weight row g + 8h of tile mt, token 2t + e of tile nt).
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < kMmaTilesN; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int col = v.n0 + warp_n * kWarpRowsN + mt * 16 + h * 8 + g;
+        if (col >= v.n) continue;
+#pragma unroll
+        for (int nt = 0; nt < Tr::kMmaTilesM; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int m = v.m0 + warp_m * Tr::kWarpTokens + nt * 8 + 2 * t + e;
+            if (m >= v.rows) continue;
+            float out = p.alpha * acc[0][mt][nt][2 * h + e];
+            if constexpr (kDual) out = silu(out) * (p.alpha2 * acc[Tr::kWeights - 1][mt][nt][2 * h + e]);
+            store_out(p, out_dtype, static_cast<long long>(v.row_base) + m, col, out);
+          }
+      }
+  }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,833 @@
+"""NVFP4 block-scaled grouped GEMMs: a list of groups, the ragged MoE layout and the fused dual GEMM.
+
+Every product is ``C = alpha * (A * sfa) @ (B * sfb)^T`` with fp32 accumulation:
+
+- **B** (weights) is NVFP4: packed e2m1 codes ``uint8 [N, K/2]`` (torch ``float4_e2m1fn_x2`` too),
+  K-major, lower K index in the low nibble, with e4m3 block scales ``sfb`` (one per 16 values);
+- **A** (tokens) is either NVFP4 as well, ``uint8 [M, K/2]`` with ``sfa`` (**W4A4**, the GPU MODE
+  contract), or plain ``float16`` / ``bfloat16 [M, K]`` activations with ``sfa=None`` (**W4A16**,
+  how NVFP4 checkpoints are served on Hopper);
+- scales come in the **plain** layout (``[rows, K/16]``, e4m3 or their uint8 bit patterns) or the
+  cuBLAS **blocked** layout (``[ceil(rows/128), ceil(K/64), 32, 4, 4]``, see :mod:`cuflash.nvfp4`),
+  read by the kernel in place;
+- an optional trailing batch axis L, as GPU MODE passes it: ``a [M, K/2, L]``, ``b [N, K/2, L]``,
+  plain scales ``[rows, K/16, L]``, blocked scales ``[L, RB, CB, 32, 4, 4]``, output ``[M, N, L]``.
+
+Shape rules: M >= 0 (0 gives an empty output), N >= 1, and **K a positive multiple of 64** (one
+pipeline stage of the kernel holds 64 K values, i.e. four e4m3 scale blocks, and reads each row's
+four scale bytes as one aligned word); other K raise ValueError.
+
+All groups run in ONE launch: the host writes a table of problems (pointers, strides, sizes,
+alpha), cached on the device per distinct table, and a persistent grid walks the tiles of every
+problem (``cuda_src/common/tile_scheduler.cuh``). Ragged MoE row counts are read from ``offsets``
+on the device: no host sync anywhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _jit, _validate as V
+from . import interop
+
+# ----------------------------------------------------------------------------------------------
+# Constants shared with cuda_src/gemm.cu
+# ----------------------------------------------------------------------------------------------
+
+STAGE_K = 64  # K values per pipeline stage: K must be a multiple of it
+SCALE_BLOCK = 16
+BLOCK_N = 128  # weight rows per CTA (4 warps x 32 rows)
+_WARPS_N = 4
+_TOKEN_PITCH = (STAGE_K + 8) * 2  # bytes per fp16 token row in shared memory (padded)
+_STAGE_PACKED = STAGE_K // 2
+_STAGE_SCALES = STAGE_K // SCALE_BLOCK
+_ALIGN_DATA = 16  # cp.async 16-byte copies of data rows
+_ALIGN_SCALES = 4  # cp.async 4-byte copies of one stage's scales
+MAX_PROBLEMS = 8192  # groups x L: the tile prefix lives in shared memory (4 bytes each)
+
+_TOKEN_KINDS = {"nvfp4": 0, "float16": 1, "bfloat16": 2}
+_OUT_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
+_PACKED_DTYPES = ("uint8", "float4_e2m1fn_x2")
+_SCALE_DTYPES = ("float8_e4m3fn", "uint8")
+_ACT_DTYPES = ("float16", "bfloat16")
+
+#: The device problem record, field for field ``struct GemmProblem`` in tile_scheduler.cuh.
+PROBLEM_DTYPE = np.dtype(
+    [
+        ("a", "<i8"), ("b", "<i8"), ("b2", "<i8"), ("sfa", "<i8"), ("sfb", "<i8"), ("sfb2", "<i8"), ("c", "<i8"),
+        ("a_row", "<i8"), ("b_row", "<i8"), ("sfa_row", "<i8"), ("sfb_row", "<i8"), ("c_row", "<i8"),
+        ("m", "<i4"), ("n", "<i4"), ("k", "<i4"), ("group", "<i4"),
+        ("alpha", "<f4"), ("alpha2", "<f4"), ("rows_total", "<i4"), ("pad", "<i4"),
+    ]
+)
+assert PROBLEM_DTYPE.itemsize == 128  # noqa: S101 (a module invariant, not user input)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel config and tile heuristic
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmKernelConfig(_jit.KernelConfig):
+    """One instantiation of ``cuflash::group_gemm_kernel`` (cuda_src/gemm.cu).
+
+    tokens: "nvfp4" (W4A4), "float16" or "bfloat16" (W4A16); block_m: tokens per CTA tile (16, 32,
+    64 or 128); warps_m: warps splitting those tokens (4 * warps_m warps in all); stages: cp.async
+    pipeline depth; dual: two weight operands and the silu-gated epilogue.
+    """
+
+    tokens: str = "nvfp4"
+    block_m: int = 64
+    warps_m: int = 1
+    stages: int = 4
+    dual: bool = False
+    source = "gemm.cu"
+    family = _jit.ARCH_PORTABLE
+
+    def __post_init__(self):
+        if self.tokens not in _TOKEN_KINDS:
+            raise ValueError(f"tokens: expected one of {tuple(_TOKEN_KINDS)}, got {self.tokens!r}")
+        if self.block_m % (8 * self.warps_m):
+            raise ValueError(f"block_m {self.block_m} must split into whole 8-token MMA tiles over {self.warps_m} warps")
+        if self.stages < 2:
+            raise ValueError(f"stages: expected >= 2, got {self.stages}")
+
+    @property
+    def threads(self) -> int:
+        return 32 * _WARPS_N * self.warps_m
+
+    def name_expression(self) -> str:
+        return (
+            f"cuflash::group_gemm_kernel<{self.block_m}, {self.warps_m}, {self.stages}, "
+            f"{_TOKEN_KINDS[self.tokens]}, {'true' if self.dual else 'false'}>"
+        )
+
+    def name_expressions(self) -> tuple[str, ...]:
+        return (self.name_expression(),)
+
+    def kernel_name(self) -> str:
+        return f"group_gemm_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}_wm{self.warps_m}_s{self.stages}"
+
+    def smem_bytes(self, num_problems: int) -> int:
+        """Dynamic shared memory of a launch over ``num_problems`` problems (GemmTraits in gemm.cu)."""
+        weights = 2 if self.dual else 1
+        stage = weights * BLOCK_N * (_STAGE_PACKED + _STAGE_SCALES)
+        if self.tokens == "nvfp4":
+            stage += self.block_m * (_STAGE_PACKED + _STAGE_SCALES)
+            f16_buffer = self.block_m * _TOKEN_PITCH
+        else:
+            stage += self.block_m * _TOKEN_PITCH
+            f16_buffer = 0
+        return self.stages * stage + f16_buffer + 4 * (num_problems + 1)
+
+
+_BLOCK_M_CHOICES = ((16, 1), (32, 1), (64, 1), (128, 2))  # (block_m, warps_m)
+_DUAL_TILE = (64, 2)
+
+
+def choose_config(tokens: str, dual: bool, rows_hint: int) -> GemmKernelConfig:
+    """The kernel config for a call whose groups have about ``rows_hint`` token rows each (the
+    largest M of a group list; the mean rows per expert for the ragged layout).
+
+    A CTA dequantizes its 128 weight rows once per stage and reuses them for all of its tokens, so
+    the largest token tile that does not mostly compute padding wins.
+    """
+    if dual:
+        # Two accumulator sets: 64 tokens over two warps keeps 64 fp32 accumulators per thread
+        # per weight operand (a 64-token single warp would need 128 and spills at 255 registers).
+        return GemmKernelConfig(tokens, *_DUAL_TILE, dual=True)
+    if rows_hint <= 16:
+        # decode / MoE experts with a few tokens: 16-token tiles waste the least (memory-bound anyway)
+        return GemmKernelConfig(tokens, 16, 1)
+    if rows_hint <= 32:
+        return GemmKernelConfig(tokens, 32, 1)
+    if rows_hint <= 64:
+        return GemmKernelConfig(tokens, 64, 1)
+    # prefill-sized groups: 128 tokens over two warps per weight slice, 64 accumulators per thread
+    # (238 registers on sm_90, no spills), the most reuse of each dequantized weight
+    return GemmKernelConfig(tokens, 128, 2)
+
+
+def kernel_variants() -> list[GemmKernelConfig]:
+    """Every config :func:`choose_config` can return (CI compiles them all)."""
+    out = []
+    for tok in _TOKEN_KINDS:
+        out += [GemmKernelConfig(tok, bm, wm) for bm, wm in _BLOCK_M_CHOICES]
+        out.append(GemmKernelConfig(tok, *_DUAL_TILE, dual=True))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Operand descriptions (shapes, strides and addresses of numpy, CuPy or torch arrays)
+# ----------------------------------------------------------------------------------------------
+
+
+def _ptr(x) -> int:
+    if interop.is_torch_tensor(x):
+        return int(x.data_ptr())
+    if interop.is_cupy_array(x):
+        return int(x.data.ptr)
+    if isinstance(x, np.ndarray):
+        return int(x.ctypes.data)
+    raise TypeError(f"expected a numpy, CuPy or torch array, got {type(x).__name__}")
+
+
+def _itemsize(x) -> int:
+    if interop.is_torch_tensor(x):
+        return int(x.element_size())
+    return int(x.dtype.itemsize)
+
+
+def _strides_bytes(x) -> tuple[int, ...]:
+    if interop.is_torch_tensor(x):
+        es = int(x.element_size())
+        return tuple(int(s) * es for s in x.stride())
+    return tuple(int(s) for s in x.strides)
+
+
+@dataclass
+class _Mat:
+    """A 2-D or 3-D ([rows, cols] or [rows, cols, L]) operand as the kernel sees it."""
+
+    name: str
+    x: Any
+    rows: int
+    cols: int  # elements along K (bytes for packed data)
+    L: int
+    row_stride: int  # bytes
+    l_stride: int  # bytes
+    ptr: int
+    needs_copy: bool  # not K-contiguous or misaligned: the launch copies it first
+
+
+def _mat(name: str, x, align: int) -> _Mat:
+    shape = V.shape_of(x)
+    st = _strides_bytes(x)
+    rows, cols = shape[0], shape[1]
+    L = shape[2] if len(shape) == 3 else 1
+    es = _itemsize(x)
+    row_stride = st[0]
+    l_stride = st[2] if len(shape) == 3 else 0
+    ptr = _ptr(x) if rows * cols * L else 0
+    col_ok = cols <= 1 or st[1] == es
+    aligned = ptr % align == 0 and (rows <= 1 or row_stride % align == 0) and (L <= 1 or l_stride % align == 0)
+    return _Mat(name, x, rows, cols, L, row_stride, l_stride, ptr, not (col_ok and aligned))
+
+
+@dataclass
+class _Blocked:
+    """Blocked scales [L, RB, CB, 32, 4, 4] (or without L) of a [rows, K/16] scale matrix."""
+
+    name: str
+    x: Any
+    L: int
+    l_stride: int
+    ptr: int
+    needs_copy: bool
+
+
+def _blocked(name: str, x, rows: int, k: int, L: int) -> _Blocked:
+    V.check_dtype(name, x, _SCALE_DTYPES)
+    core = (V.ceil_div(rows, 128), k // STAGE_K, 32, 4, 4)
+    shape = V.shape_of(x)
+    if len(shape) == 5 and L == 1:
+        V.check_shape(name, x, core)
+        xl, l_stride = 1, 0
+    else:
+        V.check_shape(name, x, (L,) + core)
+        xl, l_stride = L, _strides_bytes(x)[0]
+    st = _strides_bytes(x)[-5:]
+    contiguous = st == (core[1] * 512, 512, 16, 4, 1)
+    ptr = _ptr(x)
+    aligned = ptr % _ALIGN_SCALES == 0 and (xl <= 1 or l_stride % _ALIGN_SCALES == 0)
+    return _Blocked(name, x, xl, l_stride, ptr, not (contiguous and aligned))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (shapes and dtypes only: runs on numpy arrays too, before anything touches a GPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_list(name: str, x) -> list:
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of arrays (one per group), got {type(x).__name__}")
+    return list(x)
+
+
+def _check_layout(scale_layout: str) -> bool:
+    if scale_layout not in ("plain", "blocked"):
+        raise ValueError(f"scale_layout: expected 'plain' or 'blocked', got {scale_layout!r}")
+    return scale_layout == "blocked"
+
+
+def _token_kind(name: str, a, sfa) -> str:
+    dt = V.check_dtype(name, a, _PACKED_DTYPES + _ACT_DTYPES)
+    if dt in _ACT_DTYPES:
+        if sfa is not None:
+            raise ValueError(f"{name}: {dt} activations (W4A16) take no scales, but sfa was given; pass sfa=None")
+        return dt
+    if sfa is None:
+        raise ValueError(f"{name}: packed NVFP4 tokens (W4A4) need their scales sfa, got None")
+    return "nvfp4"
+
+
+def _check_k(name: str, k: int) -> None:
+    if k <= 0 or k % STAGE_K:
+        raise ValueError(
+            f"{name}: K must be a positive multiple of {STAGE_K} (one kernel stage holds {STAGE_K} values, four "
+            f"e4m3 scale blocks), got K={k}"
+        )
+
+
+def _out_dtype(out_dtype, out_list) -> str:
+    if out_dtype is None:
+        if out_list:
+            return V.check_dtype("out[0]", out_list[0], tuple(_OUT_CODES))
+        return "float16"
+    name = out_dtype if isinstance(out_dtype, str) else getattr(out_dtype, "name", None) or str(out_dtype)
+    name = name.replace("torch.", "")
+    if name not in _OUT_CODES:
+        raise TypeError(f"out_dtype: expected float16, bfloat16 or float32, got {out_dtype}")
+    return name
+
+
+def _alphas(alpha, n: int, name: str = "alpha") -> list[float]:
+    if alpha is None:
+        return [1.0] * n
+    if np.ndim(alpha) == 0:
+        vals = [alpha] * n
+    else:
+        vals = list(np.asarray(alpha, dtype=np.float64).reshape(-1))
+        if len(vals) != n:
+            raise ValueError(f"{name}: expected a scalar or {n} values (one per group), got {len(vals)}")
+    out = []
+    for i, v in enumerate(vals):
+        f = float(v)
+        if not math.isfinite(f):
+            raise ValueError(f"{name}[{i}]: expected a finite number, got {f}")
+        out.append(f)
+    return out
+
+
+@dataclass
+class _Gemm:
+    """One validated product of the call (a group, or the dual GEMM): operands and output shape."""
+
+    a: _Mat
+    b: list  # one or two _Mat (dual)
+    sfa: Any  # _Mat (plain), _Blocked, or None (W4A16)
+    sfb: list
+    m: int
+    n: int
+    k: int
+    L: int
+    alpha: float
+    alpha2: float
+    out: _Mat | None
+
+
+def _check_operand_shape(name: str, x, rows: int | None, cols: int, L: int | None, ndim: int) -> None:
+    want = (rows, cols) + ((L,) if ndim == 3 else ())
+    V.check_ndim(name, x, (ndim,))
+    V.check_shape(name, x, want)
+
+
+def _validate_product(idx: str, a, bs: list, sfa, sfbs: list, *, blocked: bool, tokens: str, alpha, alpha2,
+                      out, out_dtype: str) -> _Gemm:
+    V.check_ndim(f"a{idx}", a, (2, 3))
+    ndim = len(a.shape)
+    sa = V.shape_of(a)
+    m, L = sa[0], (sa[2] if ndim == 3 else 1)
+    k = sa[1] * (2 if tokens == "nvfp4" else 1)
+    _check_k(f"a{idx}", k)
+    names = ["b"] if len(bs) == 1 else ["b1", "b2"]
+    bm, n = [], None
+    for bn, b in zip(names, bs):
+        V.check_dtype(f"{bn}{idx}", b, _PACKED_DTYPES)
+        V.check_ndim(f"{bn}{idx}", b, (ndim,))
+        nb = V.shape_of(b)[0]
+        n = nb if n is None else n
+        _check_operand_shape(f"{bn}{idx}", b, n, k // 2, L if ndim == 3 else None, ndim)
+        bm.append(_mat(f"{bn}{idx}", b, _ALIGN_DATA))
+    if n < 1:
+        raise ValueError(f"b{idx}: expected N >= 1 weight rows, got {n}")
+    kb = k // SCALE_BLOCK
+
+    def scales(sname, sf, rows):
+        if blocked:
+            return _blocked(f"{sname}{idx}", sf, rows, k, L)
+        V.check_dtype(f"{sname}{idx}", sf, _SCALE_DTYPES)
+        _check_operand_shape(f"{sname}{idx}", sf, rows, kb, L if ndim == 3 else None, ndim)
+        return _mat(f"{sname}{idx}", sf, _ALIGN_SCALES)
+
+    sfa_d = scales("sfa", sfa, m) if tokens == "nvfp4" else None
+    sfb_names = ["sfb"] if len(sfbs) == 1 else ["sfb1", "sfb2"]
+    sfb_d = [scales(sn, sf, n) for sn, sf in zip(sfb_names, sfbs)]
+    out_d = None
+    if out is not None:
+        V.check_dtype(f"out{idx}", out, (out_dtype,))
+        _check_operand_shape(f"out{idx}", out, m, n, L if ndim == 3 else None, ndim)
+        out_d = _mat(f"out{idx}", out, _itemsize(out))
+        if out_d.needs_copy:
+            raise ValueError(f"out{idx}: expected unit stride along N and element-aligned rows, got strides {_strides_bytes(out)} (bytes)")
+    return _Gemm(_mat(f"a{idx}", a, _ALIGN_DATA), bm, sfa_d, sfb_d, m, n, k, L, alpha, alpha2, out_d)
+
+
+def validate_group_gemm(a, b, sfa, sfb, *, alpha=None, out=None, out_dtype=None, scale_layout="plain") -> tuple[list, str, str]:
+    """Check a :func:`group_gemm` call (shapes, dtypes, strides only: numpy arrays work too).
+
+    Returns (list of per-group products, token kind, output dtype name). Raises ValueError/TypeError.
+    """
+    blocked = _check_layout(scale_layout)
+    a, b, sfb = _as_list("a", a), _as_list("b", b), _as_list("sfb", sfb)
+    G = len(a)
+    if G == 0:
+        raise ValueError("a: expected at least one group, got an empty list")
+    sfa_l = [None] * G if sfa is None else _as_list("sfa", sfa)
+    out_l = None if out is None else _as_list("out", out)
+    for name, lst in (("b", b), ("sfa", sfa_l), ("sfb", sfb)) + ((("out", out_l),) if out_l is not None else ()):
+        if len(lst) != G:
+            raise ValueError(f"{name}: expected {G} entries (one per group, as in a), got {len(lst)}")
+    tokens = _token_kind("a[0]", a[0], sfa_l[0])
+    for i in range(1, G):
+        t = _token_kind(f"a[{i}]", a[i], sfa_l[i])
+        if t != tokens:
+            raise ValueError(f"a[{i}]: every group must have the same token kind, got {t} after {tokens} in a[0]")
+    odt = _out_dtype(out_dtype, out_l)
+    alphas = _alphas(alpha, G)
+    prods = [
+        _validate_product(f"[{i}]", a[i], [b[i]], sfa_l[i], [sfb[i]], blocked=blocked, tokens=tokens,
+                          alpha=alphas[i], alpha2=1.0, out=None if out_l is None else out_l[i], out_dtype=odt)
+        for i in range(G)
+    ]
+    nprob = sum(p.L for p in prods)
+    if nprob > MAX_PROBLEMS:
+        raise ValueError(f"a: at most {MAX_PROBLEMS} products (groups x L) per call, got {nprob}")
+    return prods, tokens, odt
+
+
+def validate_dual_gemm(a, b1, b2, sfa, sfb1, sfb2, *, alpha1=None, alpha2=None, out=None, out_dtype=None,
+                       scale_layout="plain") -> tuple[_Gemm, str, str]:
+    """Check a :func:`dual_gemm` call; returns (product, token kind, output dtype name)."""
+    blocked = _check_layout(scale_layout)
+    tokens = _token_kind("a", a, sfa)
+    odt = _out_dtype(out_dtype, [out] if out is not None else None)
+    (al1,) = _alphas(alpha1, 1, "alpha1")
+    (al2,) = _alphas(alpha2, 1, "alpha2")
+    prod = _validate_product("", a, [b1, b2], sfa, [sfb1, sfb2], blocked=blocked, tokens=tokens, alpha=al1,
+                             alpha2=al2, out=out, out_dtype=odt)
+    if V.shape_of(b1) != V.shape_of(b2):
+        raise ValueError(f"b2: expected the shape of b1 {V.shape_of(b1)}, got {V.shape_of(b2)}")
+    return prod, tokens, odt
+
+
+@dataclass
+class _Ragged:
+    a: _Mat
+    b: _Mat  # [G * N, K/2] view description: rows of expert g start at g * N
+    b_group_stride: int
+    sfa: Any
+    sfb: Any
+    sfb_group_stride: int
+    total_m: int
+    n: int
+    k: int
+    groups: int
+    alphas: list
+    out: _Mat | None
+
+
+def validate_group_gemm_ragged(a, b, sfa, sfb, offsets, *, alpha=None, out=None, out_dtype=None,
+                               scale_layout="plain") -> tuple[_Ragged, str, str]:
+    """Check a :func:`group_gemm_ragged` call; returns (description, token kind, output dtype name)."""
+    blocked = _check_layout(scale_layout)
+    tokens = _token_kind("a", a, sfa)
+    V.check_ndim("a", a, (2,))
+    total_m = V.shape_of(a)[0]
+    k = V.shape_of(a)[1] * (2 if tokens == "nvfp4" else 1)
+    _check_k("a", k)
+    V.check_dtype("b", b, _PACKED_DTYPES)
+    V.check_ndim("b", b, (3,))
+    G, n = V.shape_of(b)[:2]
+    V.check_shape("b", b, (G, n, k // 2))
+    if G < 1 or n < 1:
+        raise ValueError(f"b: expected at least one expert and N >= 1, got shape {V.shape_of(b)}")
+    V.check_dtype("offsets", offsets, ("int32",))
+    V.check_shape("offsets", offsets, (G + 1,))
+    if G > MAX_PROBLEMS:
+        raise ValueError(f"b: at most {MAX_PROBLEMS} experts per call, got {G}")
+    odt = _out_dtype(out_dtype, [out] if out is not None else None)
+    alphas = _alphas(alpha, G)
+    bst = _strides_bytes(b)
+    # Experts as one [G * N, K/2] matrix when the expert stride is N rows, else per-expert pointers.
+    bmat = _mat("b", b[0], _ALIGN_DATA)
+    bmat.x = b
+    bmat.needs_copy = bmat.needs_copy or bst[0] % _ALIGN_DATA != 0
+    kb = k // SCALE_BLOCK
+    if blocked:
+        sfa_d = _blocked("sfa", sfa, total_m, k, 1) if tokens == "nvfp4" else None
+        sfb_d = _blocked("sfb", sfb, n, k, G)
+        sfb_gs = sfb_d.l_stride
+    else:
+        sfa_d = None
+        if tokens == "nvfp4":
+            V.check_dtype("sfa", sfa, _SCALE_DTYPES)
+            V.check_shape("sfa", sfa, (total_m, kb))
+            sfa_d = _mat("sfa", sfa, _ALIGN_SCALES)
+        V.check_dtype("sfb", sfb, _SCALE_DTYPES)
+        V.check_shape("sfb", sfb, (G, n, kb))
+        sfb_d = _mat("sfb", sfb[0], _ALIGN_SCALES)
+        sfb_d.x = sfb
+        sfb_gs = _strides_bytes(sfb)[0]
+        sfb_d.needs_copy = sfb_d.needs_copy or sfb_gs % _ALIGN_SCALES != 0
+    out_d = None
+    if out is not None:
+        V.check_dtype("out", out, (odt,))
+        V.check_shape("out", out, (total_m, n))
+        out_d = _mat("out", out, _itemsize(out))
+        if out_d.needs_copy:
+            raise ValueError(f"out: expected unit stride along N and element-aligned rows, got strides {_strides_bytes(out)} (bytes)")
+    return _Ragged(_mat("a", a, _ALIGN_DATA), bmat, bst[0], sfa_d, sfb_d, sfb_gs, total_m, n, k, G, alphas, out_d), tokens, odt
+
+
+# ----------------------------------------------------------------------------------------------
+# The problem table (host side, pure numpy: tested on the CPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def build_table(prods: Sequence[_Gemm], out_ptrs: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """One PROBLEM_DTYPE record per (product, L slice).
+
+    ``out_ptrs[i] = (address, row stride in elements, L stride in bytes)`` of product i's output;
+    operand addresses come from the validated descriptions (after any copies).
+    """
+    n_rec = sum(p.L for p in prods)
+    t = np.zeros(n_rec, dtype=PROBLEM_DTYPE)
+    j = 0
+    for p, (cptr, crow, cl) in zip(prods, out_ptrs):
+        for l in range(p.L):
+            r = t[j]
+            r["a"] = p.a.ptr + l * p.a.l_stride
+            r["b"] = p.b[0].ptr + l * p.b[0].l_stride
+            r["b2"] = p.b[-1].ptr + l * p.b[-1].l_stride
+            r["a_row"] = p.a.row_stride
+            r["b_row"] = p.b[0].row_stride
+            if p.sfa is not None:
+                r["sfa"] = p.sfa.ptr + l * p.sfa.l_stride
+                r["sfa_row"] = getattr(p.sfa, "row_stride", 0)
+            r["sfb"] = p.sfb[0].ptr + l * p.sfb[0].l_stride
+            r["sfb2"] = p.sfb[-1].ptr + l * p.sfb[-1].l_stride
+            r["sfb_row"] = getattr(p.sfb[0], "row_stride", 0)
+            r["c"] = cptr + l * cl
+            r["c_row"] = crow
+            r["m"], r["n"], r["k"], r["group"] = p.m, p.n, p.k, 0
+            r["alpha"], r["alpha2"] = p.alpha, p.alpha2
+            r["rows_total"] = p.m
+            t[j] = r
+            j += 1
+    return t
+
+
+def build_ragged_table(rg: _Ragged, out_ptr: int, out_row: int) -> np.ndarray:
+    """One record per expert; m = -1 tells the kernel to read the rows from offsets[g]."""
+    t = np.zeros(rg.groups, dtype=PROBLEM_DTYPE)
+    g = np.arange(rg.groups, dtype=np.int64)
+    t["a"] = rg.a.ptr
+    t["a_row"] = rg.a.row_stride
+    t["b"] = rg.b.ptr + g * rg.b_group_stride
+    t["b2"] = t["b"]
+    t["b_row"] = rg.b.row_stride
+    if rg.sfa is not None:
+        t["sfa"] = rg.sfa.ptr
+        t["sfa_row"] = getattr(rg.sfa, "row_stride", 0)
+    t["sfb"] = rg.sfb.ptr + g * rg.sfb_group_stride
+    t["sfb2"] = t["sfb"]
+    t["sfb_row"] = getattr(rg.sfb, "row_stride", 0)
+    t["c"] = out_ptr
+    t["c_row"] = out_row
+    t["m"] = -1
+    t["n"] = rg.n
+    t["k"] = rg.k
+    t["group"] = g
+    t["alpha"] = rg.alphas
+    t["alpha2"] = 1.0
+    t["rows_total"] = rg.total_m
+    return t
+
+
+def tile_count(ms: Sequence[int], ns: Sequence[int], block_m: int) -> int:
+    """Tiles of a list of problems (what the kernel's prefix sums to)."""
+    return sum(V.ceil_div(m, block_m) * V.ceil_div(n, BLOCK_N) for m, n in zip(ms, ns))
+
+
+def ragged_tile_bound(total_m: int, groups: int, n: int, block_m: int) -> int:
+    """Most tiles a ragged call can have whatever the offsets: each non-empty expert adds at most
+    one partial token tile to ceil(total_m / block_m)."""
+    return (V.ceil_div(total_m, block_m) + min(groups, total_m)) * V.ceil_div(n, BLOCK_N)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------
+
+_TABLE_CACHE_SIZE = 256
+_table_cache: collections.OrderedDict = collections.OrderedDict()  # (device, bytes) -> cupy uint8
+_occupancy: dict = {}
+_sms: dict = {}
+_lock = threading.Lock()
+
+
+def _device_table(cp, table: np.ndarray, device_id: int):
+    """The table on the device, uploaded once per distinct content (GPU MODE calls the same
+    problem set back to back: no copy after the first call)."""
+    key = (device_id, table.tobytes())
+    with _lock:
+        dev = _table_cache.get(key)
+        if dev is not None:
+            _table_cache.move_to_end(key)
+            return dev
+    dev = cp.asarray(table.view(np.uint8))
+    with _lock:
+        _table_cache[key] = dev
+        while len(_table_cache) > _TABLE_CACHE_SIZE:
+            _table_cache.popitem(last=False)
+    return dev
+
+
+def _blocks_per_sm(cp, kernel, cfg: GemmKernelConfig, smem: int) -> int:
+    key = (kernel.name, kernel.device_id, smem)
+    n = _occupancy.get(key)
+    if n is None:
+        drv = cp.cuda.driver
+        try:
+            with cp.cuda.Device(kernel.device_id):
+                if smem > 48 * 1024:
+                    drv.funcSetAttribute(kernel.function.ptr, drv.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+                n = int(drv.occupancyMaxActiveBlocksPerMultiprocessor(kernel.function.ptr, cfg.threads, smem))
+        except Exception:
+            n = 1
+        n = max(1, n)
+        _occupancy[key] = n
+    return n
+
+
+def _num_sms(cp, device_id: int) -> int:
+    n = _sms.get(device_id)
+    if n is None:
+        n = int(cp.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+        _sms[device_id] = n
+    return n
+
+
+def _smem_limit(cp, device_id: int) -> int:
+    key = ("smem", device_id)
+    n = _sms.get(key)
+    if n is None:
+        n = int(cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id))
+        _sms[key] = n
+    return n
+
+
+def _launch(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int, offsets, blocked: bool, out_dtype: str):
+    if tiles_bound == 0 or len(table) == 0:
+        return
+    dev_table = _device_table(cp, table, ctx.device_id)
+    kernel = _jit.get_kernel(cfg, cfg.name_expression(), ctx.device_id)
+    smem = cfg.smem_bytes(len(table))
+    limit = _smem_limit(cp, ctx.device_id)
+    if smem > limit:
+        raise ValueError(f"too many products in one call: {len(table)} need {smem} bytes of shared memory, the GPU allows {limit}")
+    grid = min(tiles_bound, _num_sms(cp, ctx.device_id) * _blocks_per_sm(cp, kernel, cfg, smem))
+    offs = offsets if offsets is not None else np.uint64(0)  # a null pointer: only ragged problems read it
+    kernel.launch(grid, cfg.threads, (dev_table, np.int32(len(table)), offs, np.int32(int(blocked)),
+                                      np.int32(_OUT_CODES[out_dtype])), stream=ctx.stream, smem=smem)
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _materialize(ctx, cp, d):
+    """Replace an operand that fails the kernel's layout rules (K-contiguous, 16/4-byte aligned
+    rows) with a compliant copy: [L, rows, cols] C-contiguous, viewed back as [rows, cols, L]."""
+    if d is None or not d.needs_copy:
+        return d
+    x = ctx.cupy(d.x)
+    if isinstance(d, _Blocked):
+        y = cp.ascontiguousarray(x)
+        ptr, l_stride = int(y.data.ptr), (int(y.strides[0]) if y.ndim == 6 else 0)
+        return _Blocked(d.name, y, d.L, l_stride, ptr, False)
+    if x.ndim == 3:
+        y = cp.ascontiguousarray(cp.moveaxis(x, 2, 0))
+        return _Mat(d.name, y, d.rows, d.cols, d.L, int(y.strides[1]), int(y.strides[0]), int(y.data.ptr), False)
+    y = cp.ascontiguousarray(x)
+    return _Mat(d.name, y, d.rows, d.cols, 1, int(y.strides[0]), 0, int(y.data.ptr), False)
+
+
+def _alloc_out(cp, m: int, n: int, L: int, ndim: int, dtype: str):
+    """[M, N] or [M, N, L] (an [L, M, N] buffer viewed with L last, as GPU MODE lays it out)."""
+    if ndim == 2:
+        y = cp.empty((m, n), dtype=_np_dtype(dtype))
+        return y, (int(y.data.ptr), n, 0)
+    y = cp.empty((L, m, n), dtype=_np_dtype(dtype))
+    return cp.moveaxis(y, 0, 2), (int(y.data.ptr), n, m * n)
+
+
+def _out_ptrs(d: _Mat, itemsize: int) -> tuple[int, int, int]:
+    return (d.ptr, d.row_stride // itemsize, d.l_stride // itemsize)
+
+
+def group_gemm(a, b, sfa, sfb, *, alpha=None, out=None, out_dtype=None, scale_layout="plain"):
+    """``C_i = alpha_i * (A_i * sfa_i) @ (B_i * sfb_i)^T`` for every group i, in one launch.
+
+    Parameters
+    ----------
+    a : list of G arrays. W4A4: packed NVFP4 ``uint8`` (or torch ``float4_e2m1fn_x2``) ``[M_i, K_i/2]``;
+        W4A16: ``float16`` / ``bfloat16`` ``[M_i, K_i]``. An optional trailing L axis on every operand
+        (``[M_i, K_i/2, L_i]``). M_i may be 0. K_i a positive multiple of 64.
+    b : list of G packed NVFP4 weights ``[N_i, K_i/2]`` (``[N_i, K_i/2, L_i]``), N_i >= 1.
+    sfa : list of G e4m3 scale arrays for A (W4A4), or None (W4A16).
+    sfb : list of G e4m3 scale arrays for B. Plain layout: ``[rows, K/16]`` (``[rows, K/16, L]``);
+        blocked layout: ``[ceil(rows/128), K/64, 32, 4, 4]`` (``[L, ...]``). e4m3 or uint8 bits.
+    alpha : None (1), a number, or G numbers (host values).
+    out : optional list of G output arrays ``[M_i, N_i]`` (``[M_i, N_i, L_i]``) with unit stride
+        along N, filled in place.
+    out_dtype : "float16" (default), "bfloat16" or "float32"; taken from ``out`` when given.
+    scale_layout : "plain" or "blocked" (both sfa and sfb).
+
+    Returns
+    -------
+    The list of G outputs (``out`` itself when given). CuPy in, CuPy out; torch in, torch out.
+
+    Example
+    -------
+    >>> w = cuflash.quantize(cp.random.randn(4096, 7168, dtype=cp.float32))
+    >>> x = cp.random.randn(16, 7168).astype(cp.float16)
+    >>> (y,) = cuflash.group_gemm([x], [w.data], None, [w.scales], alpha=float(1 / w.global_scale))
+    """
+    prods, tokens, odt = validate_group_gemm(a, b, sfa, sfb, alpha=alpha, out=out, out_dtype=out_dtype,
+                                             scale_layout=scale_layout)
+    ctx = interop.call_context(a=a, b=b, sfa=sfa, sfb=sfb, out=out)
+    cp = _jit.require_gpu()
+    blocked = scale_layout == "blocked"
+    with ctx.device(), ctx.stream:
+        results, out_ptrs = [], []
+        itemsize = np.dtype(_np_dtype(odt)).itemsize
+        for i, p in enumerate(prods):
+            p.a = _materialize(ctx, cp, p.a)
+            p.b = [_materialize(ctx, cp, x) for x in p.b]
+            p.sfa = _materialize(ctx, cp, p.sfa)
+            p.sfb = [_materialize(ctx, cp, x) for x in p.sfb]
+            if p.out is not None:
+                results.append(out[i])
+                out_ptrs.append(_out_ptrs(p.out, itemsize))
+            else:
+                y, ptrs = _alloc_out(cp, p.m, p.n, p.L, len(a[i].shape), odt)
+                results.append(y)
+                out_ptrs.append(ptrs)
+        table = build_table(prods, [(ptr, row, l * itemsize) for ptr, row, l in out_ptrs])
+        cfg = choose_config(tokens, False, max(p.m for p in prods))
+        tiles = tile_count([p.m for p in prods for _ in range(p.L)], [p.n for p in prods for _ in range(p.L)], cfg.block_m)
+        _launch(ctx, cp, cfg, table, tiles, None, blocked, odt)
+        if out is not None:
+            return out
+        return ctx.to_caller(results)
+
+
+def group_gemm_ragged(a, b, sfa, sfb, offsets, *, alpha=None, out=None, out_dtype=None, scale_layout="plain"):
+    """The MoE layout in one launch: rows ``offsets[g] : offsets[g+1]`` of ``a`` times expert g of ``b``.
+
+    Parameters
+    ----------
+    a : ``[total_M, K/2]`` packed NVFP4 (W4A4) or ``[total_M, K]`` fp16/bf16 (W4A16), rows grouped by
+        expert.
+    b : ``[G, N, K/2]`` packed NVFP4 experts.
+    sfa : plain ``[total_M, K/16]`` or blocked ``[ceil(total_M/128), K/64, 32, 4, 4]`` (W4A4), or None.
+    sfb : plain ``[G, N, K/16]`` or blocked ``[G, ceil(N/128), K/64, 32, 4, 4]``.
+    offsets : int32 ``[G + 1]`` on the device, non-decreasing, within ``[0, total_M]`` (read only by
+        the kernel, never by the host; values outside are clamped). Groups of 0 rows are fine.
+    alpha : None, a number, or G numbers.
+    out : optional ``[total_M, N]`` output. Rows outside ``offsets[0] : offsets[G]`` are left as
+        they are (zero in a freshly allocated output).
+
+    Returns ``[total_M, N]`` (fp16 unless out_dtype/out says otherwise).
+    """
+    rg, tokens, odt = validate_group_gemm_ragged(a, b, sfa, sfb, offsets, alpha=alpha, out=out,
+                                                 out_dtype=out_dtype, scale_layout=scale_layout)
+    ctx = interop.call_context(a=a, b=b, sfa=sfa, sfb=sfb, offsets=offsets, out=out)
+    cp = _jit.require_gpu()
+    blocked = scale_layout == "blocked"
+    with ctx.device(), ctx.stream:
+        rg.a = _materialize(ctx, cp, rg.a)
+        rg.sfa = _materialize(ctx, cp, rg.sfa)
+        if rg.b.needs_copy:
+            bc = cp.ascontiguousarray(ctx.cupy(b))
+            rg.b = _Mat("b", bc, rg.n, rg.k // 2, 1, rg.k // 2, 0, int(bc.data.ptr), False)
+            rg.b_group_stride = int(bc.strides[0])
+        if rg.sfb.needs_copy:
+            sc = cp.ascontiguousarray(ctx.cupy(sfb))
+            rg.sfb_group_stride = int(sc.strides[0])
+            if blocked:
+                rg.sfb = _Blocked("sfb", sc, rg.groups, rg.sfb_group_stride, int(sc.data.ptr), False)
+            else:
+                rg.sfb = _Mat("sfb", sc, rg.n, rg.k // SCALE_BLOCK, 1, int(sc.strides[1]), 0, int(sc.data.ptr), False)
+        itemsize = np.dtype(_np_dtype(odt)).itemsize
+        if out is None:
+            y = cp.zeros((rg.total_m, rg.n), dtype=_np_dtype(odt))
+            optr, orow = int(y.data.ptr), rg.n
+        else:
+            y = out
+            optr, orow = rg.out.ptr, rg.out.row_stride // itemsize
+        table = build_ragged_table(rg, optr, orow)
+        cfg = choose_config(tokens, False, V.ceil_div(rg.total_m, rg.groups))
+        bound = ragged_tile_bound(rg.total_m, rg.groups, rg.n, cfg.block_m)
+        _launch(ctx, cp, cfg, table, bound, ctx.cupy(offsets), blocked, odt)
+        return out if out is not None else ctx.to_caller(y)
+
+
+def dual_gemm(a, b1, b2, sfa, sfb1, sfb2, *, alpha1=None, alpha2=None, out=None, out_dtype=None, scale_layout="plain"):
+    """``C = silu(alpha1 * A @ B1^T) * (alpha2 * A @ B2^T)``, fused: A read once, both products
+    accumulated in fp32 in one kernel (the SwiGLU MLP's gate and up projections).
+
+    Parameters
+    ----------
+    a : ``[M, K/2]`` packed NVFP4 with ``sfa`` (W4A4) or ``[M, K]`` fp16/bf16 with ``sfa=None``
+        (W4A16); optional trailing L axis on every operand.
+    b1, b2 : ``[N, K/2]`` packed NVFP4 (gate and up weights) with scales ``sfb1``, ``sfb2``.
+    alpha1, alpha2 : None (1) or numbers.
+    out : optional ``[M, N]`` (``[M, N, L]``) output, unit stride along N.
+
+    Returns ``[M, N]`` (``[M, N, L]``), fp16 unless out_dtype/out says otherwise.
+    """
+    prod, tokens, odt = validate_dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1=alpha1, alpha2=alpha2, out=out,
+                                           out_dtype=out_dtype, scale_layout=scale_layout)
+    ctx = interop.call_context(a=a, b1=b1, b2=b2, sfa=sfa, sfb1=sfb1, sfb2=sfb2, out=out)
+    cp = _jit.require_gpu()
+    blocked = scale_layout == "blocked"
+    with ctx.device(), ctx.stream:
+        prod.a = _materialize(ctx, cp, prod.a)
+        prod.b = [_materialize(ctx, cp, x) for x in prod.b]
+        prod.sfa = _materialize(ctx, cp, prod.sfa)
+        prod.sfb = [_materialize(ctx, cp, x) for x in prod.sfb]
+        itemsize = np.dtype(_np_dtype(odt)).itemsize
+        if out is not None:
+            y = out
+            ptrs = _out_ptrs(prod.out, itemsize)
+        else:
+            y, ptrs = _alloc_out(cp, prod.m, prod.n, prod.L, len(a.shape), odt)
+        table = build_table([prod], [(ptrs[0], ptrs[1], ptrs[2] * itemsize)])
+        cfg = choose_config(tokens, True, prod.m)
+        tiles = tile_count([prod.m] * prod.L, [prod.n] * prod.L, cfg.block_m)
+        _launch(ctx, cp, cfg, table, tiles, None, blocked, odt)
+        return out if out is not None else ctx.to_caller(y)
