@@ -15,7 +15,7 @@
 // r = i * group + h; a CTA takes kBlockM = 16 * kWarps consecutive rows (one 16-row mma tile per
 // warp) against one kv head. Decode (q_len = 1) is the same kernel with `group` rows per sequence and
 // the keys split over gridDim.z CTAs (flash-decoding), merged by combine_splits_kernel.
-#include "common/attention_mma.cuh"
+#include "common/mma.cuh"
 #include "common/mask.cuh"
 #include "common/paged.cuh"
 #include "common/softmax.cuh"
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     const int qi = valid ? r / group : 0;
     const int head = kv_head * group + (valid ? r - qi * group : 0);
     const T* src = q + ((static_cast<long long>(q_start + qi) * num_heads + head) * kHeadDim + copy_col);
-    cp_async_16(sQ + row * kRowElems + copy_col, valid ? src : q, valid);
+    cp_async_16_zfill(sQ + row * kRowElems + copy_col, valid ? src : q, valid);
   }
   cp_async_commit();
 
@@ -126,8 +126,8 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       const bool valid = key < n_keys;
       const long long off = valid ? paged.offset(key) + copy_col : 0;
       const int dst = (stage * kBlockN + row) * kRowElems + copy_col;
-      cp_async_16(sK + dst, k_pages + off, valid);
-      cp_async_16(sV + dst, v_pages + off, valid);
+      cp_async_16_zfill(sK + dst, k_pages + off, valid);
+      cp_async_16_zfill(sV + dst, v_pages + off, valid);
     }
   };
 
