@@ -401,8 +401,14 @@ def _device_props(device_id: int) -> dict:
     if props is None:
         with _lock:
             cp = require_cupy()
-            p = cp.cuda.runtime.getDeviceProperties(device_id)
-            props = {"cc": (int(p["major"]), int(p["minor"])), "sms": int(p["multiProcessorCount"])}
+            rt = cp.cuda.runtime
+            attr = lambda a: int(rt.deviceGetAttribute(a, device_id))  # noqa: E731
+            props = {
+                "cc": (attr(rt.cudaDevAttrComputeCapabilityMajor), attr(rt.cudaDevAttrComputeCapabilityMinor)),
+                "sms": attr(rt.cudaDevAttrMultiProcessorCount),
+                "smem_per_block_optin": attr(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin),
+                "smem_per_sm": attr(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor),
+            }
             _device_info[device_id] = props
     return props
 
@@ -415,6 +421,15 @@ def sm_count(device_id: int) -> int:
     return _device_props(device_id)["sms"]
 
 
+def smem_per_block_optin(device_id: int) -> int:
+    """Largest dynamic shared memory a block may opt in to (227 KB on an H100)."""
+    return _device_props(device_id)["smem_per_block_optin"]
+
+
+def smem_per_sm(device_id: int) -> int:
+    return _device_props(device_id)["smem_per_sm"]
+
+
 class Kernel:
     """A compiled kernel bound to one device. Call it through :meth:`launch`."""
 
@@ -423,6 +438,28 @@ class Kernel:
         self.name = name
         self.device_id = device_id
         self._smem_opt_in = _SMEM_DEFAULT_LIMIT
+        self._occupancy: dict[tuple[int, int], int] = {}
+
+    def resident_blocks_per_sm(self, threads: int, smem: int) -> int:
+        """CTAs of this kernel one SM holds at once (registers and shared memory counted by the
+        driver's occupancy calculator), cached per (threads, smem)."""
+        key = (int(threads), int(smem))
+        n = self._occupancy.get(key)
+        if n is None:
+            cp = require_cupy()
+            drv = cp.cuda.driver
+            with cp.cuda.Device(self.device_id):
+                self._opt_in_smem(cp, smem)
+                n = max(1, int(drv.occupancyMaxActiveBlocksPerMultiprocessor(self.function.ptr, int(threads), int(smem))))
+            self._occupancy[key] = n
+        return n
+
+    def _opt_in_smem(self, cp, smem: int) -> None:
+        if smem > self._smem_opt_in:
+            cp.cuda.driver.funcSetAttribute(
+                self.function.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem
+            )
+            self._smem_opt_in = smem
 
     def launch(self, grid, block, args: Sequence, *, stream, smem: int = 0) -> None:
         """Launch on ``stream`` (a cupy Stream of this kernel's device).
@@ -433,16 +470,12 @@ class Kernel:
         cp = require_cupy()
         check_launch_args(self.name, args, cp.ndarray)
         smem = int(smem)
-        if smem > self._smem_opt_in:
-            cp.cuda.driver.funcSetAttribute(
-                self.function.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem
-            )
-            self._smem_opt_in = smem
         grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
         block = tuple(int(b) for b in (block if isinstance(block, tuple) else (block,)))
         if min(grid) == 0:
             return  # nothing to do; CUDA rejects empty grids
         with cp.cuda.Device(self.device_id):
+            self._opt_in_smem(cp, smem)
             self.function(grid, block, tuple(args), shared_mem=smem, stream=stream)
 
 

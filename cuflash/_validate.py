@@ -70,3 +70,12 @@ def check_finite_numpy(name: str, x: np.ndarray) -> None:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def np_dtype(name: str):
+    """The numpy dtype of a dtype name; "bfloat16" is ml_dtypes.bfloat16 (CuPy >= 14 takes it too)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)

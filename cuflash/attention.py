@@ -322,28 +322,6 @@ def _host_int(name: str, x) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def _device_limits(device_id: int) -> tuple[int, int, int]:
-    """(SMs, opt-in shared memory per block, shared memory per SM) of a device."""
-    cp = _jit.require_gpu()
-    props = cp.cuda.runtime.getDeviceProperties(device_id)
-    return (int(props["multiProcessorCount"]), int(props.get("sharedMemPerBlockOptin", H100_SMEM_PER_BLOCK)),
-            int(props.get("sharedMemPerMultiprocessor", 228 * 1024)))
-
-
-def _ctas_per_sm(kernel, cfg: AttentionConfig, smem_per_sm: int) -> int:
-    """Resident CTAs per SM of a loaded kernel, from the driver's occupancy calculator (registers
-    included); the shared-memory bound when the query fails."""
-    cp = _jit.require_cupy()
-    by_smem = max(1, smem_per_sm // (cfg.smem_bytes + 1024))  # 1 KB per CTA reserved by the system
-    try:
-        drv = cp.cuda.driver
-        drv.funcSetAttribute(kernel.function.ptr, drv.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.smem_bytes)
-        n = int(drv.occupancyMaxActiveBlocksPerMultiprocessor(kernel.function.ptr, cfg.threads, cfg.smem_bytes))
-        return n if n > 0 else by_smem
-    except Exception:
-        return by_smem
-
-
 class AttentionPlan:
     """Host metadata of one batch shape: the work partition, split counts and workspaces.
 
@@ -404,11 +382,11 @@ class AttentionPlan:
 
         cp = _jit.require_gpu()
         self.device_id = int(cp.cuda.Device().id if device is None else device)
-        sms, max_smem, smem_per_sm = _device_limits(self.device_id)
+        max_smem = _jit.smem_per_block_optin(self.device_id)
 
-        def slots_of(cfg):
+        def slots_of(cfg):  # CTAs the whole GPU holds at once (the driver's occupancy calculator)
             k = _jit.get_kernel(cfg, cfg.attention_kernel(), self.device_id)
-            return sms * _ctas_per_sm(k, cfg, smem_per_sm)
+            return _jit.sm_count(self.device_id) * k.resident_blocks_per_sm(cfg.threads, cfg.smem_bytes)
 
         self.launches = partition(q_lens, kv, group=self.group, num_kv_heads=self.num_kv_heads, dtype=dtype,
                                   head_dim=self.head_dim, causal=self.causal, slots_of=slots_of, max_smem=max_smem)
@@ -799,7 +777,7 @@ class PagedKVCache:
         self.num_kv_heads, self.head_dim, self.dtype = int(num_kv_heads), int(head_dim), dtype
         cp = _jit.require_gpu()
         self.device_id = int(cp.cuda.Device().id if device is None else device)
-        np_dtype = _np_dtype(dtype)
+        np_dtype = V.np_dtype(dtype)
         with cp.cuda.Device(self.device_id):
             shape = (num_pages, page_size, num_kv_heads, head_dim)
             self.k_pages = cp.empty(shape, dtype=np_dtype)
@@ -861,11 +839,3 @@ class PagedKVCache:
                              softmax_scale=softmax_scale, max_pages_per_seq=self.pages.max_pages_per_seq,
                              device=ctx.device_id)
         return plan.run(q, self.k_pages, self.v_pages, table, lens, out=out, return_lse=return_lse)
-
-
-def _np_dtype(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)

@@ -579,8 +579,6 @@ def ragged_tile_bound(total_m: int, groups: int, n: int, block_m: int) -> int:
 
 _TABLE_CACHE_SIZE = 256
 _table_cache: collections.OrderedDict = collections.OrderedDict()  # (device, bytes) -> cupy uint8
-_occupancy: dict = {}
-_sms: dict = {}
 _lock = threading.Lock()
 
 
@@ -601,61 +599,19 @@ def _device_table(cp, table: np.ndarray, device_id: int):
     return dev
 
 
-def _blocks_per_sm(cp, kernel, cfg: GemmKernelConfig, smem: int) -> int:
-    key = (kernel.name, kernel.device_id, smem)
-    n = _occupancy.get(key)
-    if n is None:
-        drv = cp.cuda.driver
-        try:
-            with cp.cuda.Device(kernel.device_id):
-                if smem > 48 * 1024:
-                    drv.funcSetAttribute(kernel.function.ptr, drv.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
-                n = int(drv.occupancyMaxActiveBlocksPerMultiprocessor(kernel.function.ptr, cfg.threads, smem))
-        except Exception:
-            n = 1
-        n = max(1, n)
-        _occupancy[key] = n
-    return n
-
-
-def _num_sms(cp, device_id: int) -> int:
-    n = _sms.get(device_id)
-    if n is None:
-        n = int(cp.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
-        _sms[device_id] = n
-    return n
-
-
-def _smem_limit(cp, device_id: int) -> int:
-    key = ("smem", device_id)
-    n = _sms.get(key)
-    if n is None:
-        n = int(cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id))
-        _sms[key] = n
-    return n
-
-
 def _launch(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int, offsets, blocked: bool, out_dtype: str):
     if tiles_bound == 0 or len(table) == 0:
         return
     dev_table = _device_table(cp, table, ctx.device_id)
     kernel = _jit.get_kernel(cfg, cfg.name_expression(), ctx.device_id)
     smem = cfg.smem_bytes(len(table))
-    limit = _smem_limit(cp, ctx.device_id)
+    limit = _jit.smem_per_block_optin(ctx.device_id)
     if smem > limit:
         raise ValueError(f"too many products in one call: {len(table)} need {smem} bytes of shared memory, the GPU allows {limit}")
-    grid = min(tiles_bound, _num_sms(cp, ctx.device_id) * _blocks_per_sm(cp, kernel, cfg, smem))
+    grid = min(tiles_bound, _jit.sm_count(ctx.device_id) * kernel.resident_blocks_per_sm(cfg.threads, smem))
     offs = offsets if offsets is not None else np.uint64(0)  # a null pointer: only ragged problems read it
     kernel.launch(grid, cfg.threads, (dev_table, np.int32(len(table)), offs, np.int32(int(blocked)),
                                       np.int32(_OUT_CODES[out_dtype])), stream=ctx.stream, smem=smem)
-
-
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(name)
 
 
 def _materialize(ctx, cp, d):
@@ -678,9 +634,9 @@ def _materialize(ctx, cp, d):
 def _alloc_out(cp, m: int, n: int, L: int, ndim: int, dtype: str):
     """[M, N] or [M, N, L] (an [L, M, N] buffer viewed with L last, as GPU MODE lays it out)."""
     if ndim == 2:
-        y = cp.empty((m, n), dtype=_np_dtype(dtype))
+        y = cp.empty((m, n), dtype=V.np_dtype(dtype))
         return y, (int(y.data.ptr), n, 0)
-    y = cp.empty((L, m, n), dtype=_np_dtype(dtype))
+    y = cp.empty((L, m, n), dtype=V.np_dtype(dtype))
     return cp.moveaxis(y, 0, 2), (int(y.data.ptr), n, m * n)
 
 
@@ -723,7 +679,7 @@ def group_gemm(a, b, sfa, sfb, *, alpha=None, out=None, out_dtype=None, scale_la
     blocked = scale_layout == "blocked"
     with ctx.device(), ctx.stream:
         results, out_ptrs = [], []
-        itemsize = np.dtype(_np_dtype(odt)).itemsize
+        itemsize = np.dtype(V.np_dtype(odt)).itemsize
         for i, p in enumerate(prods):
             p.a = _materialize(ctx, cp, p.a)
             p.b = [_materialize(ctx, cp, x) for x in p.b]
@@ -782,9 +738,9 @@ def group_gemm_ragged(a, b, sfa, sfb, offsets, *, alpha=None, out=None, out_dtyp
                 rg.sfb = _Blocked("sfb", sc, rg.groups, rg.sfb_group_stride, int(sc.data.ptr), False)
             else:
                 rg.sfb = _Mat("sfb", sc, rg.n, rg.k // SCALE_BLOCK, 1, int(sc.strides[1]), 0, int(sc.data.ptr), False)
-        itemsize = np.dtype(_np_dtype(odt)).itemsize
+        itemsize = np.dtype(V.np_dtype(odt)).itemsize
         if out is None:
-            y = cp.zeros((rg.total_m, rg.n), dtype=_np_dtype(odt))
+            y = cp.zeros((rg.total_m, rg.n), dtype=V.np_dtype(odt))
             optr, orow = int(y.data.ptr), rg.n
         else:
             y = out
@@ -820,7 +776,7 @@ def dual_gemm(a, b1, b2, sfa, sfb1, sfb2, *, alpha1=None, alpha2=None, out=None,
         prod.b = [_materialize(ctx, cp, x) for x in prod.b]
         prod.sfa = _materialize(ctx, cp, prod.sfa)
         prod.sfb = [_materialize(ctx, cp, x) for x in prod.sfb]
-        itemsize = np.dtype(_np_dtype(odt)).itemsize
+        itemsize = np.dtype(V.np_dtype(odt)).itemsize
         if out is not None:
             y = out
             ptrs = _out_ptrs(prod.out, itemsize)
