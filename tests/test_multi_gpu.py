@@ -6,7 +6,9 @@ import threading
 import numpy as np
 import pytest
 
-from cuflash import _jit, nvfp4
+import test_attention as TA
+import test_gemm as TG
+from cuflash import _jit, attention, gemm, nvfp4, reference
 
 pytestmark = pytest.mark.gpu
 
@@ -69,6 +71,87 @@ def test_two_threads_two_gpus(two_gpus, rng):
                         raise AssertionError(f"GPU {dev}: wrong result")
         except Exception as exc:  # reported by the main thread
             errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+
+
+def _gemm_case(rng):
+    """Host inputs and float64 reference of a small W4A4 group GEMM."""
+    ms, n, k = [5, 33], 136, 128
+    a = [TG.rand_packed(rng, m, k) for m in ms]
+    sa = [TG.rand_scales(rng, (m, k // 16)) for m in ms]
+    b = [TG.rand_packed(rng, n, k) for _ in ms]
+    sb = [TG.rand_scales(rng, (n, k // 16)) for _ in ms]
+    return (a, b, sa, sb), reference.group_gemm(a, b, sa, sb)
+
+
+def _attention_case(rng):
+    """Host inputs of a small mixed prefill/decode batch on a paged cache."""
+    kv_lens, q_lens = [40, 97], [7, 1]
+    kp, vp, table = TA.make_cache(rng, kv_lens, page_size=16, kv_heads=2, head_dim=64, dtype="float16")
+    q = TA.make_q(rng, sum(q_lens), 8, 64, "float16")
+    indptr = np.array([0, 7, 8], np.int32)
+    return (q, kp, vp, table, np.array(kv_lens, np.int32), indptr)
+
+
+def _run_gemm(cp, host):
+    return gemm.group_gemm(*[[cp.asarray(x) for x in xs] for xs in host])
+
+
+def _run_attention(cp, host):
+    q, kp, vp, table, lens, indptr = (cp.asarray(x) for x in host)
+    return attention.paged_attention(q, kp, vp, table, lens, q_indptr=indptr)
+
+
+def test_gemm_and_attention_run_on_the_inputs_gpu(two_gpus, rng):
+    cp = two_gpus
+    ghost, gref = _gemm_case(rng)
+    ahost = _attention_case(rng)
+    with cp.cuda.Device(1):
+        gin = [[cp.asarray(x) for x in xs] for xs in ghost]
+        ain = [cp.asarray(x) for x in ahost]
+    with cp.cuda.Device(0):  # current device 0, data on 1
+        outs = gemm.group_gemm(*gin)
+        out = attention.paged_attention(*ain[:5], q_indptr=ain[5])
+    assert all(o.device.id == 1 for o in outs) and out.device.id == 1
+    for o, r in zip(outs, gref):
+        TG._check(TG._to_np(cp, o), r, "float16")
+    q, kp, vp, table, lens, indptr = ahost
+    TA.check_close(out.get(), None, q, kp, vp, table, lens, indptr, "float16")
+
+
+def test_gemm_inputs_on_two_gpus_are_refused(two_gpus, rng):
+    cp = two_gpus
+    (a, b, sa, sb), _ = _gemm_case(rng)
+    with cp.cuda.Device(0):
+        a0 = [cp.asarray(x) for x in a]
+    with cp.cuda.Device(1):
+        rest = [[cp.asarray(x) for x in xs] for xs in (b, sa, sb)]
+    with pytest.raises(ValueError, match="must live on one GPU"):
+        gemm.group_gemm(a0, *rest)
+
+
+def test_two_threads_loop_gemm_and_attention_on_two_gpus(two_gpus, rng):
+    cp = two_gpus
+    cases = [(_gemm_case(rng), _attention_case(rng)) for _ in range(2)]
+    errors = []
+
+    def work(dev):
+        try:
+            (ghost, gref), ahost = cases[dev]
+            with cp.cuda.Device(dev):
+                for _ in range(20):
+                    for o, r in zip(_run_gemm(cp, ghost), gref):
+                        TG._check(TG._to_np(cp, o), r, "float16")
+                    q, kp, vp, table, lens, indptr = ahost
+                    TA.check_close(_run_attention(cp, ahost).get(), None, q, kp, vp, table, lens, indptr, "float16")
+        except Exception as exc:  # reported by the main thread
+            errors.append((dev, exc))
 
     threads = [threading.Thread(target=work, args=(d,)) for d in (0, 1)]
     for th in threads:
