@@ -516,3 +516,28 @@ def test_torch_in_torch_out(rng):
     assert isinstance(y, torch.Tensor) and y.shape == (m, n)
     ref2 = reference.dual_gemm(x.float().cpu().numpy(), b, b, None, sb, sb)
     _check(y.float().cpu().numpy().astype(np.float64), ref2, "float16")
+
+
+def test_launch_cache_keys_only_gpu_arrays():
+    a = [np.zeros((4, 32), np.uint8)]
+    assert gemm._launch_key("group", (a, a, a, a, a), (None, None, "plain")) is None
+
+
+@pytest.mark.gpu
+def test_repeated_calls_replay_the_launch_and_read_new_contents(cp, rng):
+    ms, ns, ks = [5, 40], [136, 72], [128, 256]
+    A, B, SA, SB = _group_inputs(rng, ms, ns, ks, "nvfp4")
+    dA, dB, dSA, dSB = ([cp.asarray(x) for x in xs] for xs in (A, B, SA, SB))
+    outs = [_poisoned(cp, (m, n), "float16") for m, n in zip(ms, ns)]
+    gemm.group_gemm(dA, dB, dSA, dSB, out=outs, alpha=0.5)
+    key = gemm._launch_key("group", (dA, dB, dSA, dSB, outs), (0.5, None, "plain"))
+    assert key in gemm._launch_cache
+    A2, B2, SA2, SB2 = _group_inputs(rng, ms, ns, ks, "nvfp4")  # new contents in the same arrays
+    for dev, host in zip(dA + dB + dSA + dSB, A2 + B2 + SA2 + SB2):
+        dev.set(host)
+    outs2 = [_poisoned(cp, (m, n), "float16") for m, n in zip(ms, ns)]
+    for o, o2 in zip(outs, outs2):
+        o[...] = o2
+    gemm.group_gemm(dA, dB, dSA, dSB, out=outs, alpha=0.5)  # replayed
+    for o, r in zip(outs, reference.group_gemm(A2, B2, SA2, SB2, alpha=0.5)):
+        _check(_to_np(cp, o), r, "float16")
