@@ -215,7 +215,9 @@ def _mat(name: str, x, align: int) -> _Mat:
     es = _itemsize(x)
     row_stride = st[0]
     l_stride = st[2] if len(shape) == 3 else 0
-    ptr = _ptr(x) if rows * cols * L else 0
+    if rows * cols * L == 0:  # nothing to read or write (NumPy 2 gives such arrays zero strides)
+        return _Mat(name, x, rows, cols, L, row_stride, l_stride, 0, False)
+    ptr = _ptr(x)
     col_ok = cols <= 1 or st[1] == es
     aligned = ptr % align == 0 and (rows <= 1 or row_stride % align == 0) and (L <= 1 or l_stride % align == 0)
     return _Mat(name, x, rows, cols, L, row_stride, l_stride, ptr, not (col_ok and aligned))

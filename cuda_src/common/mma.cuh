@@ -1,6 +1,10 @@
 // Warp-level tensor-core and async-copy building blocks for sm_80+ (Ampere, Ada, Hopper), shared by
 // the GEMM and attention kernels.
 //
+// Every inline PTX instruction of the project lives in this file, so that a host emulation
+// (tests/cuda_emu/mma_emulated.cuh, same functions written from the PTX ISA) can stand in for this one
+// file and run the real kernels on the CPU.
+//
 // mma.sync m16n8k16 with fp32 accumulation; fragment layouts (PTX ISA, "Matrix Fragments for
 // mma.m16n8k16"), with g = lane / 4 (groupID) and t = lane % 4 (thread in group):
 //   A (16 x 16, row-major): a[0] = (row g,   k 2t..2t+1)   a[1] = (row g+8, k 2t..2t+1)
@@ -84,6 +88,13 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const un
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
   mma_16816<T>(d, a, b[0], b[1]);
+}
+
+// MUFU ex2; ex2.approx(-inf) = +0, which the attention masking relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // Two fp32 values rounded to nearest even and packed as one 32-bit register (lo in the low half),

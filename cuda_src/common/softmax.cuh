@@ -11,19 +11,14 @@
 
 #include <math_constants.h>
 
+#include "common/mma.cuh"  // fast_exp2
+
 namespace cuflash {
 namespace attn {
 
 constexpr float kLog2E = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * log2(e))
 constexpr float kLn2 = 0.6931471805599453f;    // ln(2): converts a log2-domain LSE to natural log
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// MUFU ex2; ex2.approx(-inf) = +0, which the masking relies on.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Reductions over the 4 lanes of a quad (lanes 4g .. 4g+3 share a row).
 __device__ __forceinline__ float quad_max(float x) {
