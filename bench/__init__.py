@@ -1,0 +1,1 @@
+"""Benchmarks (standalone scripts); a package only so tests can import the helpers under bench/llm."""

@@ -1,0 +1,125 @@
+"""The reference: the same transformers model holding exactly the runner's weights, run by transformers in fp32.
+
+Every linear weight becomes its NVFP4-dequantized value ``(q * s) / gs`` (computed here in torch from the
+packed codes, bit for bit what cuflash.nvfp4.dequantize gives), embeddings, norms and the router keep
+their bf16 values. The runner and the reference then differ only in kernel numerics (fp16 activations,
+fp16 KV, accumulation order), not in quantization error.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from cuflash import nvfp4
+
+from .convert import QuantWeight, to_numpy
+from .model import bf16_bits_to_f32
+
+
+def _torch(x, device):
+    """A torch tensor on ``device`` from a numpy array (copied) or a CuPy / torch array (DLPack)."""
+    import torch
+
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    return torch.from_dlpack(x).to(device)
+
+
+def dequantize_torch(w: QuantWeight, device="cpu"):
+    """float32 [..., N, K] = (q * s) / gs, one gs per tensor or per expert (leading axis)."""
+    import torch
+
+    data = _torch(w.data, device)
+    codes = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(*data.shape[:-1], data.shape[-1] * 2)
+    q = torch.as_tensor(nvfp4.E2M1_VALUES, device=device)[codes.long()]
+    s = _torch(w.scales, device).view(torch.float8_e4m3fn).float().repeat_interleave(nvfp4.SCALE_BLOCK, dim=-1)
+    gs = torch.as_tensor(w.global_scale, device=device)
+    if gs.dim():  # experts: one scale per leading index
+        gs = gs.reshape(-1, 1, 1)
+    return (q * s) / gs  # q * s is exact in float32; one correctly rounded division, as cuflash's dequantize
+
+
+def reference_model(model, weights, *, inplace: bool = False):
+    """A float32 copy of ``model`` (or the model itself, inplace) holding the runner's weights.
+
+    Tied embeddings are untied (the lm head is NVFP4, the embedding bf16); MoE experts run transformers'
+    plain per-expert loop ("eager") where the implementation can be chosen.
+    """
+    import torch
+
+    ref = model if inplace else copy.deepcopy(model)
+    ref = ref.float().eval()
+    dev = next(ref.parameters()).device
+    inner = ref.model
+
+    def put(param, w: QuantWeight):
+        param.data.copy_(dequantize_torch(w, dev).reshape(param.shape))
+
+    with torch.no_grad():
+        emb = bf16_bits_to_f32(np, to_numpy(weights.embed_bf16))
+        inner.embed_tokens.weight.data.copy_(torch.from_numpy(emb))
+        ref.lm_head.weight = torch.nn.Parameter(dequantize_torch(weights.lm_head, dev))
+        ref.config.tie_word_embeddings = False
+        inner.norm.weight.data.copy_(torch.from_numpy(weights.final_norm))
+        for layer, lw in zip(inner.layers, weights.layers):
+            at = layer.self_attn
+            layer.input_layernorm.weight.data.copy_(torch.from_numpy(lw.attn_norm))
+            layer.post_attention_layernorm.weight.data.copy_(torch.from_numpy(lw.mlp_norm))
+            for proj, w in ((at.q_proj, lw.q), (at.k_proj, lw.k), (at.v_proj, lw.v), (at.o_proj, lw.o)):
+                put(proj.weight, w)
+            if lw.router is not None:
+                layer.mlp.gate.weight.data.copy_(torch.from_numpy(lw.router))
+                if hasattr(layer.mlp.experts, "gate_up_proj"):  # transformers >= 5: fused 3-D parameters
+                    put(layer.mlp.experts.gate_up_proj, lw.experts_gate_up)
+                    put(layer.mlp.experts.down_proj, lw.experts_down)
+                else:  # per-expert modules (older transformers)
+                    gu, dn = dequantize_torch(lw.experts_gate_up, dev), dequantize_torch(lw.experts_down, dev)
+                    inter = gu.shape[1] // 2
+                    for e, ex in enumerate(layer.mlp.experts):
+                        ex.w1.weight.data.copy_(gu[e, :inter])
+                        ex.w3.weight.data.copy_(gu[e, inter:])
+                        ex.w2.weight.data.copy_(dn[e])
+            else:
+                put(layer.mlp.gate_proj.weight, lw.gate)
+                put(layer.mlp.up_proj.weight, lw.up)
+                put(layer.mlp.down_proj.weight, lw.down)
+    if hasattr(ref, "set_experts_implementation") and weights.spec.experts:
+        ref.set_experts_implementation("eager")
+    return ref
+
+
+def exact_fp32():
+    """Keep torch's fp32 matmuls in fp32 on the GPU (no TF32): the reference must be the accurate side."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def teacher_forced_logits(ref, prompt, tokens) -> np.ndarray:
+    """float32 [n, V]: the reference's logits for each of the runner's n tokens given the same context
+    (the prompt and the runner's earlier tokens), in one forward."""
+    import torch
+
+    dev = next(ref.parameters()).device
+    ids = torch.as_tensor(np.concatenate([np.asarray(prompt), np.asarray(tokens)[:-1]]), device=dev)[None]
+    with torch.no_grad():
+        logits = ref(input_ids=ids).logits[0, len(prompt) - 1:]
+    return logits.float().cpu().numpy()
+
+
+def greedy(ref, prompt, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's own greedy generation of one prompt through ``model.generate``: (tokens [n],
+    logits [n, V]). End-of-sequence is disabled so all n steps run."""
+    import torch
+
+    dev = next(ref.parameters()).device
+    ids = torch.as_tensor(np.asarray(prompt), device=dev)[None]
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    toks = out.sequences[0, ids.shape[1]:].cpu().numpy()
+    return toks, torch.stack(out.logits, dim=1)[0].float().cpu().numpy()
