@@ -672,36 +672,90 @@ def _alpha_key(alpha):
         return None
 
 
-def _replay(key, torch_in_arrays) -> bool:
-    """Launch a cached call on the caller's current stream; False when the key is not cached."""
+def _replay(key) -> bool:
+    """Run the cached plan of a call on the caller's current stream; False when none is cached."""
     if key is None:
         return False
     with _lock:
-        hit = _launch_cache.get(key)
-        if hit is not None:
+        plan = _launch_cache.get(key)
+        if plan is not None:
             _launch_cache.move_to_end(key)
-    if hit is None:
+    if plan is None:
         return False
-    prepared, device_id = hit
-    cp = _jit.require_gpu()
-    torch = interop._torch_module()
-    if torch is not None and interop.is_torch_tensor(torch_in_arrays):
-        stream = cp.cuda.ExternalStream(torch.cuda.current_stream(device_id).cuda_stream, device_id)
-    else:
-        with cp.cuda.Device(device_id):
-            stream = cp.cuda.get_current_stream()
-    prepared.launch(stream)
+    plan.run()
     return True
 
 
-def _remember(key, prepared: _Prepared, device_id: int, copied: bool) -> None:
-    # a call whose operands had to be copied is not replayable: the copies die with the call
-    if key is None or copied:
+def _remember(key, plan) -> None:
+    # plan is None when an operand had to be copied: such a call is not replayable
+    if key is None or plan is None:
         return
     with _lock:
-        _launch_cache[key] = (prepared, device_id)
+        _launch_cache[key] = plan
         while len(_launch_cache) > _LAUNCH_CACHE_SIZE:
             _launch_cache.popitem(last=False)
+
+
+class GemmPlan:
+    """One validated GEMM launch, replayable with no validation and no host work beyond the launch.
+
+    It reads and writes the same arrays (addresses) every time: refill the inputs in place between
+    runs. It holds the device-side problem table, so launches captured in a CUDA graph stay valid for
+    as long as the plan lives (keep it with the graph). Made by :func:`plan_group_gemm`,
+    :func:`plan_group_gemm_ragged` and :func:`plan_dual_gemm`, which take the arguments of the
+    corresponding call (``out`` required) and launch nothing.
+    """
+
+    def __init__(self, prepared: _Prepared, device_id: int, torch_in: bool):
+        self._prepared = prepared
+        self.device_id = device_id
+        self._torch_in = torch_in
+
+    def run(self, stream=None) -> None:
+        """Launch on ``stream`` (a CuPy stream), else on the caller's current stream (torch's
+        current stream when the plan was made from torch tensors)."""
+        cp = _jit.require_gpu()
+        if stream is None:
+            torch = interop._torch_module()
+            if self._torch_in and torch is not None:
+                stream = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device_id).cuda_stream, self.device_id)
+            else:
+                with cp.cuda.Device(self.device_id):
+                    stream = cp.cuda.get_current_stream()
+        self._prepared.launch(stream)
+
+
+def _checked_plan(plan, out, name):
+    if out is None:
+        raise ValueError(f"{name}: a plan writes into the caller's `out`, which is required")
+    if plan is None:
+        raise ValueError(
+            f"{name}: an operand is not K-contiguous or not aligned and would be copied at every call; "
+            "pass contiguous operands to make a plan"
+        )
+    return plan
+
+
+def plan_group_gemm(a, b, sfa, sfb, *, alpha=None, out=None, out_dtype=None, scale_layout="plain") -> GemmPlan:
+    """A :class:`GemmPlan` of ``group_gemm(a, b, sfa, sfb, ..., out=out)`` (launches nothing)."""
+    _, plan = _group_gemm(a, b, sfa, sfb, alpha, out, out_dtype, scale_layout, launch=False) if out is not None else (None, None)
+    return _checked_plan(plan, out, "plan_group_gemm")
+
+
+def plan_group_gemm_ragged(a, b, sfa, sfb, offsets, *, alpha=None, out=None, out_dtype=None,
+                           scale_layout="plain") -> GemmPlan:
+    """A :class:`GemmPlan` of ``group_gemm_ragged(...)``; the kernel reads ``offsets`` at every run."""
+    _, plan = (_group_gemm_ragged(a, b, sfa, sfb, offsets, alpha, out, out_dtype, scale_layout, launch=False)
+               if out is not None else (None, None))
+    return _checked_plan(plan, out, "plan_group_gemm_ragged")
+
+
+def plan_dual_gemm(a, b1, b2, sfa, sfb1, sfb2, *, alpha1=None, alpha2=None, out=None, out_dtype=None,
+                   scale_layout="plain") -> GemmPlan:
+    """A :class:`GemmPlan` of ``dual_gemm(...)`` (launches nothing)."""
+    _, plan = (_dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1, alpha2, out, out_dtype, scale_layout, launch=False)
+               if out is not None else (None, None))
+    return _checked_plan(plan, out, "plan_dual_gemm")
 
 
 def _materialize(ctx, cp, d):
@@ -765,8 +819,13 @@ def group_gemm(a, b, sfa, sfb, *, alpha=None, out=None, out_dtype=None, scale_la
     key = None
     if out is not None:
         key = _launch_key("group", (a, b, sfa, sfb, out), (_alpha_key(alpha), out_dtype, scale_layout))
-        if _replay(key, out[0] if len(out) else None):
+        if _replay(key):
             return out
+    return _group_gemm(a, b, sfa, sfb, alpha, out, out_dtype, scale_layout, key=key)[0]
+
+
+def _group_gemm(a, b, sfa, sfb, alpha, out, out_dtype, scale_layout, *, key=None, launch=True):
+    """Validate, prepare and (if ``launch``) run; returns (result, GemmPlan or None)."""
     prods, tokens, odt = validate_group_gemm(a, b, sfa, sfb, alpha=alpha, out=out, out_dtype=out_dtype,
                                              scale_layout=scale_layout)
     ctx = interop.call_context(a=a, b=b, sfa=sfa, sfb=sfb, out=out)
@@ -792,11 +851,11 @@ def group_gemm(a, b, sfa, sfb, *, alpha=None, out=None, out_dtype=None, scale_la
         cfg = choose_config(tokens, False, max(p.m for p in prods))
         tiles = tile_count([p.m for p in prods for _ in range(p.L)], [p.n for p in prods for _ in range(p.L)], cfg.block_m)
         prepared = _prepare(ctx, cp, cfg, table, tiles, None, blocked, odt)
-        prepared.launch(ctx.stream)
-        _remember(key, prepared, ctx.device_id, copied)
-        if out is not None:
-            return out
-        return ctx.to_caller(results)
+        if launch:
+            prepared.launch(ctx.stream)
+        plan = None if copied else GemmPlan(prepared, ctx.device_id, ctx.torch_in)
+        _remember(key, plan)
+        return (out if out is not None else ctx.to_caller(results)), plan
 
 
 def group_gemm_ragged(a, b, sfa, sfb, offsets, *, alpha=None, out=None, out_dtype=None, scale_layout="plain"):
@@ -820,8 +879,12 @@ def group_gemm_ragged(a, b, sfa, sfb, offsets, *, alpha=None, out=None, out_dtyp
     key = None
     if out is not None:
         key = _launch_key("ragged", (a, b, sfa, sfb, offsets, out), (_alpha_key(alpha), out_dtype, scale_layout))
-        if _replay(key, out):
+        if _replay(key):
             return out
+    return _group_gemm_ragged(a, b, sfa, sfb, offsets, alpha, out, out_dtype, scale_layout, key=key)[0]
+
+
+def _group_gemm_ragged(a, b, sfa, sfb, offsets, alpha, out, out_dtype, scale_layout, *, key=None, launch=True):
     rg, tokens, odt = validate_group_gemm_ragged(a, b, sfa, sfb, offsets, alpha=alpha, out=out,
                                                  out_dtype=out_dtype, scale_layout=scale_layout)
     ctx = interop.call_context(a=a, b=b, sfa=sfa, sfb=sfb, offsets=offsets, out=out)
@@ -853,9 +916,11 @@ def group_gemm_ragged(a, b, sfa, sfb, offsets, *, alpha=None, out=None, out_dtyp
         cfg = choose_config(tokens, False, V.ceil_div(rg.total_m, rg.groups))
         bound = ragged_tile_bound(rg.total_m, rg.groups, rg.n, cfg.block_m)
         prepared = _prepare(ctx, cp, cfg, table, bound, offsets, blocked, odt)
-        prepared.launch(ctx.stream)
-        _remember(key, prepared, ctx.device_id, copied)
-        return out if out is not None else ctx.to_caller(y)
+        if launch:
+            prepared.launch(ctx.stream)
+        plan = None if copied else GemmPlan(prepared, ctx.device_id, ctx.torch_in)
+        _remember(key, plan)
+        return (out if out is not None else ctx.to_caller(y)), plan
 
 
 def dual_gemm(a, b1, b2, sfa, sfb1, sfb2, *, alpha1=None, alpha2=None, out=None, out_dtype=None, scale_layout="plain"):
@@ -876,8 +941,12 @@ def dual_gemm(a, b1, b2, sfa, sfb1, sfb2, *, alpha1=None, alpha2=None, out=None,
     if out is not None:
         key = _launch_key("dual", (a, b1, b2, sfa, sfb1, sfb2, out),
                           (_alpha_key(alpha1), _alpha_key(alpha2), out_dtype, scale_layout))
-        if _replay(key, out):
+        if _replay(key):
             return out
+    return _dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1, alpha2, out, out_dtype, scale_layout, key=key)[0]
+
+
+def _dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1, alpha2, out, out_dtype, scale_layout, *, key=None, launch=True):
     prod, tokens, odt = validate_dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1=alpha1, alpha2=alpha2, out=out,
                                            out_dtype=out_dtype, scale_layout=scale_layout)
     ctx = interop.call_context(a=a, b1=b1, b2=b2, sfa=sfa, sfb1=sfb1, sfb2=sfb2, out=out)
@@ -899,6 +968,8 @@ def dual_gemm(a, b1, b2, sfa, sfb1, sfb2, *, alpha1=None, alpha2=None, out=None,
         cfg = choose_config(tokens, True, prod.m)
         tiles = tile_count([prod.m] * prod.L, [prod.n] * prod.L, cfg.block_m)
         prepared = _prepare(ctx, cp, cfg, table, tiles, None, blocked, odt)
-        prepared.launch(ctx.stream)
-        _remember(key, prepared, ctx.device_id, copied)
-        return out if out is not None else ctx.to_caller(y)
+        if launch:
+            prepared.launch(ctx.stream)
+        plan = None if copied else GemmPlan(prepared, ctx.device_id, ctx.torch_in)
+        _remember(key, plan)
+        return (out if out is not None else ctx.to_caller(y)), plan

@@ -551,3 +551,34 @@ def test_empty_output_with_zero_strides_is_accepted(rng):
     out = [np.empty((0, n), np.float16)]
     prods, _, _ = gemm.validate_group_gemm(a, b, sa, sb, out=out)
     assert prods[0].m == 0
+
+
+def test_plans_need_out(rng):
+    with pytest.raises(ValueError, match="`out`, which is required"):
+        gemm.plan_group_gemm([rand_packed(rng, 2, 64)], [rand_packed(rng, 8, 64)], None, [rand_scales(rng, (8, 4))])
+
+
+@pytest.mark.gpu
+def test_plan_runs_and_replays_in_a_cuda_graph(cp, rng):
+    ms, ns, ks = [3, 20], [72, 136], [64, 192]
+    A, B, SA, SB = _group_inputs(rng, ms, ns, ks, "act")
+    dA, dB, dSB = ([cp.asarray(x) for x in xs] for xs in (A, B, SB))
+    outs = [_poisoned(cp, (m, n), "float16") for m, n in zip(ms, ns)]
+    plan = gemm.plan_group_gemm(dA, dB, None, dSB, alpha=2.0, out=outs)
+    assert all(cp.isnan(o).all() for o in outs)  # planning launches nothing
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        plan.run(stream)
+        stream.synchronize()
+        for o, r in zip(outs, reference.group_gemm(A, B, None, SB, alpha=2.0)):
+            _check(_to_np(cp, o), r, "float16")
+        A2 = [rand_acts(rng, m, k, "float16") for m, k in zip(ms, ks)]
+        for d, h in zip(dA, A2):
+            d.set(h)
+        stream.begin_capture()
+        plan.run(stream)
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+    for o, r in zip(outs, reference.group_gemm(A2, B, None, SB, alpha=2.0)):
+        _check(_to_np(cp, o), r, "float16")
