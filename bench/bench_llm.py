@@ -7,9 +7,9 @@ Models (random init from a config, rounded to bf16; no downloads):
   with 4 layers instead of 32.
 
 cuflash runs every linear layer as NVFP4 (W4A16 GEMMs, gate/up through dual_gemm, experts through
-group_gemm_ragged), fp16 activations and paged fp16 KV, fp32 residual; the peer is transformers with the
-original bf16 weights and sdpa attention (dynamic and static cache; static without torch.compile unless
---hf-compile).
+group_gemm_ragged), fp16 activations, paged fp16 KV in one multi-layer cuflash.PagedKVCache, fp32
+residual; the peer is transformers with the original bf16 weights and sdpa attention (dynamic and static
+cache; static without torch.compile unless --hf-compile).
 
 Reported, in one run:
 1. agreement: greedy generation of prompts of 7, 31, 64 and 100 tokens for 32 steps against the same

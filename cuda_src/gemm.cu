@@ -25,11 +25,15 @@
 // an fp16 buffer (a second barrier), so the inner loop is the same for W4A4 and W4A16.
 // Tiles past the edges (n >= N, m >= M) load the last valid row instead (always in bounds; their
 // results are never stored).
+//
+// group_gemm_wgmma_kernel (end of this file) is the Hopper (sm_90a) variant of the same GEMM: same
+// problem table, scheduler, pipeline and epilogue rules, with wgmma.mma_async in place of mma.sync.
 #include "common/dequant.cuh"
 #include "common/fp4.cuh"
 #include "common/mma.cuh"
 #include "common/tile_scheduler.cuh"
 #include "common/types.cuh"
+#include "common/wgmma.cuh"
 
 namespace cuflash {
 
@@ -96,6 +100,8 @@ struct GemmTraits {
   static constexpr int kPipeBytes = kStages * kStageBytes + kTokenF16Bytes;
   static_assert(kBlockM % (8 * kWarpsM) == 0, "each warp needs whole n8 MMA tiles");
   static_assert(kStageBytes % 16 == 0, "stage buffers must stay 16-byte aligned");
+  // Byte offset of 16-byte chunk c (values 8c .. 8c+7) of fp16 token row r: padded rows.
+  __device__ __forceinline__ static int token_chunk_offset(int r, int c) { return r * kTokenPitch + c * 16; }
 };
 
 // One tile's view of its problem.
@@ -155,12 +161,13 @@ __device__ __forceinline__ void load_stage(const Stage<Tr, kTokens, kDual>& st, 
     for (int i = tid; i < kBlockM * kChunks; i += Tr::kThreads) {
       const int r = i / kChunks, chunk = i % kChunks;
       const int grow = v.row_base + min(v.m0 + r, v.rows - 1);
-      cp_async_16(st.tokens() + r * kTokenPitch + chunk * 16, v.a + grow * v.a_row + kt * (kStageK * 2) + chunk * 16);
+      cp_async_16(st.tokens() + Tr::token_chunk_offset(r, chunk), v.a + grow * v.a_row + kt * (kStageK * 2) + chunk * 16);
     }
   }
 }
 
-// W4A4: dequantize the stage's packed tokens into the fp16 buffer, natural K order, 144-byte rows.
+// W4A4: dequantize the stage's packed tokens into the fp16 buffer, natural K order, each 16-byte
+// chunk where Tr::token_chunk_offset puts it.
 template <class Tr, int kTokens, bool kDual, int kBlockM>
 __device__ __forceinline__ void dequant_tokens(const Stage<Tr, kTokens, kDual>& st, unsigned char* dst) {
   for (int i = threadIdx.x; i < kBlockM * kStageScales; i += Tr::kThreads) {
@@ -169,9 +176,8 @@ __device__ __forceinline__ void dequant_tokens(const Stage<Tr, kTokens, kDual>& 
     const __half2 factor = scale_factor(st.token_scales()[r * kStageScales + blk]);
     const Pairs4 lo = dequant_e2m1x8_f16(packed.x, factor);
     const Pairs4 hi = dequant_e2m1x8_f16(packed.y, factor);
-    uint4* out = reinterpret_cast<uint4*>(dst + r * kTokenPitch + blk * 32);
-    out[0] = make_uint4(lo.p[0], lo.p[1], lo.p[2], lo.p[3]);
-    out[1] = make_uint4(hi.p[0], hi.p[1], hi.p[2], hi.p[3]);
+    *reinterpret_cast<uint4*>(dst + Tr::token_chunk_offset(r, 2 * blk)) = make_uint4(lo.p[0], lo.p[1], lo.p[2], lo.p[3]);
+    *reinterpret_cast<uint4*>(dst + Tr::token_chunk_offset(r, 2 * blk + 1)) = make_uint4(hi.p[0], hi.p[1], hi.p[2], hi.p[3]);
   }
 }
 
@@ -337,6 +343,224 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
             store_out(p, out_dtype, static_cast<long long>(v.row_base) + m, col, out);
           }
       }
+  }
+}
+
+// ================================================================================================
+// Hopper (sm_90a): the same GEMM on wgmma.mma_async (common/wgmma.cuh)
+// ================================================================================================
+//
+// Two warpgroups per CTA, each owning 64 of the kBlockN = 128 weight rows (warp w of a warpgroup:
+// 16 rows). Per k16 step one wgmma m64 n(kBlockM) k16 per warpgroup and weight operand: A = the
+// dequantized weights, from registers (each warp's 16 x 16 slice in the mma.m16n8k16 A layout); B =
+// the stage's fp16/bf16 tokens, from shared memory through a descriptor. Accumulators stay in
+// registers: kBlockM / 2 floats per thread and weight operand.
+//
+// K order: natural (the MMA's k step s of a stage is values 16s .. 16s+15), because B's 16-byte core
+// matrix rows must be 8 consecutive token values as cp.async lands them. The A fragment of thread
+// (g, t) then needs, per row, values 16s + 2t + {0, 1} and 16s + 8 + 2t + {0, 1}: byte t of each
+// 4-byte word of the row's 32 packed bytes (the row is read whole and its bytes gathered with prmt).
+//
+// Token tile in shared memory (per stage, W4A4's dequantized buffer too): [kBlockM / 8 token groups]
+// [8 chunks of 8 K values][8 tokens][16 bytes], i.e. core matrix (token group j, chunk c) at
+// j * 1024 + c * 128. For k step s the descriptor starts at chunk 2s: LBO = 128 (chunk 2s+1, the
+// next 8 k), SBO = 1024 (the next 8 tokens). No swizzle.
+constexpr int kWgWarpgroups = kBlockN / kWgmmaM;             // 2 warpgroups of 64 weight rows
+constexpr int kWgChunks = kStageK * 2 / 16;                  // 8 chunks of 16 bytes per token row
+constexpr int kWgTokenGroupBytes = kWgChunks * kCoreBytes;   // 1024: 8 tokens x 64 K values x 2 bytes
+constexpr int kWgLbo = kCoreBytes;                           // K direction: the next chunk
+constexpr int kWgSbo = kWgTokenGroupBytes;                   // N direction: the next 8 tokens
+constexpr int kWgKSteps = kStageK / 16;                      // 4 wgmma k steps per stage
+
+template <int kBlockM, int kStages, int kTokens, bool kDual>
+struct WgmmaTraits {
+  using MmaT = typename MmaType<kTokens>::type;
+  static constexpr int kThreads = kWgWarpgroups * kWarpgroupThreads;
+  static constexpr int kWeights = kDual ? 2 : 1;
+  static constexpr int kAcc = kBlockM / 2;  // fp32 accumulators per thread and weight operand
+  static constexpr int kWeightBytes = kBlockN * kStagePackedBytes;
+  static constexpr int kWeightScaleBytes = kBlockN * kStageScales;
+  static constexpr int kTokenF16TileBytes = kBlockM * kStageK * 2;
+  static constexpr int kTokenBytes = kTokens == kTokensNVFP4 ? kBlockM * kStagePackedBytes : kTokenF16TileBytes;
+  static constexpr int kTokenScaleBytes = kTokens == kTokensNVFP4 ? kBlockM * kStageScales : 0;
+  static constexpr int kStageBytes =
+      kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes + kTokenScaleBytes;
+  static constexpr int kTokenF16Bytes = kTokens == kTokensNVFP4 ? kTokenF16TileBytes : 0;
+  static constexpr int kPipeBytes = kStages * kStageBytes + kTokenF16Bytes;
+  static_assert(kBlockM % 16 == 0 && kBlockM >= 16 && kBlockM <= 256, "wgmma N: a multiple of 16 up to 256");
+  static_assert(kStageBytes % 16 == 0, "stage buffers (and wgmma's token tiles) must stay 16-byte aligned");
+  // Core-matrix position of chunk c of token row r (see above).
+  __device__ __forceinline__ static int token_chunk_offset(int r, int c) {
+    return (r / kCoreRows) * kWgTokenGroupBytes + c * kCoreBytes + (r % kCoreRows) * 16;
+  }
+};
+
+// Byte t of each of the words w0..w3, as one word (byte i from w_i).
+__device__ __forceinline__ unsigned gather_byte(unsigned w0, unsigned w1, unsigned w2, unsigned w3, int t) {
+  const unsigned sel = static_cast<unsigned>(t) | (static_cast<unsigned>(t + 4) << 4);
+  return __byte_perm(__byte_perm(w0, w1, sel), __byte_perm(w2, w3, sel), 0x5410u);
+}
+
+// Eight e2m1 codes whose bytes 0, 1 belong to one scale block and bytes 2, 3 to another. The two
+// calls share their conversions (same w); only the final multiplies differ.
+template <typename T>
+__device__ __forceinline__ Pairs4 dequant_two_blocks(unsigned w, __half2 f_lo, __half2 f_hi) {
+  const Pairs4 lo = dequant_e2m1x8<T>(w, f_lo);
+  const Pairs4 hi = dequant_e2m1x8<T>(w, f_hi);
+  return Pairs4{{lo.p[0], lo.p[1], hi.p[2], hi.p[3]}};
+}
+
+// A fragments of one stage for this thread: a[w][s] feeds k step s of weight operand w. Rows
+// row0 (g) and row0 + 8 (g + 8) of the warp's 16.
+template <class Tr, int kTokens, bool kDual>
+__device__ __forceinline__ void weight_fragments(const Stage<Tr, kTokens, kDual>& st, int row0,
+                                                 unsigned (&a)[Tr::kWeights][kWgKSteps][4]) {
+  using T = typename Tr::MmaT;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int w = 0; w < Tr::kWeights; ++w) {
+    Pairs4 p[2][2];  // [row g / g+8][k steps 0-1 / 2-3]
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + 8 * h;
+      const uint4 lo = *reinterpret_cast<const uint4*>(st.weights(w) + r * kStagePackedBytes);
+      const uint4 hi = *reinterpret_cast<const uint4*>(st.weights(w) + r * kStagePackedBytes + 16);
+      const unsigned sc = *reinterpret_cast<const unsigned*>(st.weight_scales(w) + r * kStageScales);
+      __half2 f[kStageScales];
+#pragma unroll
+      for (int b = 0; b < kStageScales; ++b) f[b] = scale_factor(static_cast<unsigned char>(sc >> (8 * b)));
+      // byte i of x: chunk i (k steps 0, 1: scale blocks 0, 1); of y: chunk 4 + i (blocks 2, 3)
+      p[h][0] = dequant_two_blocks<T>(gather_byte(lo.x, lo.y, lo.z, lo.w, t), f[0], f[1]);
+      p[h][1] = dequant_two_blocks<T>(gather_byte(hi.x, hi.y, hi.z, hi.w, t), f[2], f[3]);
+    }
+#pragma unroll
+    for (int s = 0; s < kWgKSteps; ++s) {
+      const int q = s / 2, c = 2 * (s % 2);  // chunk 2s is pair c of word q, chunk 2s+1 pair c+1
+      a[w][s][0] = p[0][q].p[c];      // (row g,     k 2t, 2t+1)
+      a[w][s][1] = p[1][q].p[c];      // (row g + 8, k 2t, 2t+1)
+      a[w][s][2] = p[0][q].p[c + 1];  // (row g,     k 2t+8, 2t+9)
+      a[w][s][3] = p[1][q].p[c + 1];  // (row g + 8, k 2t+8, 2t+9)
+    }
+  }
+}
+
+// The wgmmas of one stage for this thread's warpgroup, completed before returning (the stage's
+// buffers are refilled after the next barrier).
+template <class Tr, int kBlockM, int kTokens, bool kDual>
+__device__ __forceinline__ void compute_stage_wgmma(const Stage<Tr, kTokens, kDual>& st, const unsigned char* tokens_f16,
+                                                    float (&acc)[Tr::kWeights][Tr::kAcc], int row0) {
+  using T = typename Tr::MmaT;
+  unsigned a[Tr::kWeights][kWgKSteps][4];
+  weight_fragments<Tr, kTokens, kDual>(st, row0, a);
+  const unsigned long long desc = wgmma_desc(tokens_f16, kWgLbo, kWgSbo);
+#pragma unroll
+  for (int w = 0; w < Tr::kWeights; ++w) wgmma_fence_operand(acc[w]);
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < kWgKSteps; ++s)
+#pragma unroll
+    for (int w = 0; w < Tr::kWeights; ++w)
+      wgmma_m64k16_rs<kBlockM, T>(acc[w], a[w][s], wgmma_desc_advance(desc, 2 * s * kCoreBytes));
+  wgmma_commit();
+  wgmma_wait<0>();
+#pragma unroll
+  for (int w = 0; w < Tr::kWeights; ++w) wgmma_fence_operand(acc[w]);
+}
+
+// Same arguments and launch rules as group_gemm_kernel; WgmmaTraits::kThreads (256) threads per CTA.
+template <int kBlockM, int kStages, int kTokens, bool kDual>
+__global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>::kThreads, 1)
+    group_gemm_wgmma_kernel(const GemmProblem* __restrict__ problems, int num_problems, const int* __restrict__ offsets,
+                            int blocked_scales, int out_dtype) {
+  using Tr = WgmmaTraits<kBlockM, kStages, kTokens, kDual>;
+  using St = Stage<Tr, kTokens, kDual>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  int* prefix = reinterpret_cast<int*>(smem + Tr::kPipeBytes);
+  unsigned char* tokens_f16_buf = smem + kStages * Tr::kStageBytes;  // W4A4 only
+
+  build_tile_prefix<kBlockM, kBlockN>(problems, num_problems, offsets, prefix);
+  const int total_tiles = prefix[num_problems];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = warp * 16 + g;  // = warpgroup * 64 + warp_in_group * 16 + g
+
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const int pi = find_problem(prefix, num_problems, tile);
+    const GemmProblem& p = problems[pi];
+    const ProblemRows rows = problem_rows(p, offsets);
+    const int local = tile - prefix[pi];
+    const int m_tiles = ceil_div_dev(rows.rows, kBlockM);
+
+    TileView v;
+    v.a = reinterpret_cast<const unsigned char*>(p.a);
+    v.b[0] = reinterpret_cast<const unsigned char*>(p.b);
+    v.b[1] = reinterpret_cast<const unsigned char*>(kDual ? p.b2 : p.b);
+    v.sfa = p.sfa;
+    v.sfb[0] = p.sfb;
+    v.sfb[1] = kDual ? p.sfb2 : p.sfb;
+    v.a_row = p.a_row;
+    v.b_row = p.b_row;
+    v.sfa_row = p.sfa_row;
+    v.sfb_row = p.sfb_row;
+    v.rows = rows.rows;
+    v.row_base = rows.row_base;
+    v.n = p.n;
+    v.num_k_stages = p.k / kStageK;
+    v.m0 = (local % m_tiles) * kBlockM;
+    v.n0 = (local / m_tiles) * kBlockN;
+    v.blocked = blocked_scales != 0;
+
+    float acc[Tr::kWeights][Tr::kAcc];
+#pragma unroll
+    for (int w = 0; w < Tr::kWeights; ++w)
+#pragma unroll
+      for (int i = 0; i < Tr::kAcc; ++i) acc[w][i] = 0.0f;
+
+    // The previous tile's last stage may still be read by other warps.
+    __syncthreads();
+    const int kts = v.num_k_stages;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < kts) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + s * Tr::kStageBytes}, v, s);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < kts; ++kt) {
+      cp_async_wait<kStages - 2>();  // stage kt has landed (this thread's copies) ...
+      fence_proxy_async_shared();    // ... is visible to wgmma's operand reads ...
+      __syncthreads();               // ... for every thread's; every warpgroup is done with stage kt - 1
+      const int next = kt + kStages - 1;
+      if (next < kts) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + (next % kStages) * Tr::kStageBytes}, v, next);
+      cp_async_commit();
+      const St st{smem + (kt % kStages) * Tr::kStageBytes};
+      const unsigned char* tokens_f16 = st.tokens();
+      if constexpr (kTokens == kTokensNVFP4) {
+        dequant_tokens<Tr, kTokens, kDual, kBlockM>(st, tokens_f16_buf);
+        fence_proxy_async_shared();
+        __syncthreads();
+        tokens_f16 = tokens_f16_buf;
+      }
+      compute_stage_wgmma<Tr, kBlockM, kTokens, kDual>(st, tokens_f16, acc, row0);
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: acc[w][4j + e] is (weight row row0 + 8 (e >= 2), token 8j + 2t + (e & 1)).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int col = v.n0 + row0 + 8 * h;
+      if (col >= v.n) continue;
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int m = v.m0 + 8 * j + 2 * t + e;
+          if (m >= v.rows) continue;
+          const int i = 4 * j + 2 * h + e;
+          float out = p.alpha * acc[0][i];
+          if constexpr (kDual) out = silu(out) * (p.alpha2 * acc[Tr::kWeights - 1][i]);
+          store_out(p, out_dtype, static_cast<long long>(v.row_base) + m, col, out);
+        }
+    }
   }
 }
 

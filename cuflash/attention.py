@@ -2,9 +2,11 @@
 
 Layouts (C-contiguous, one GPU):
 
-- ``k_pages`` / ``v_pages``: ``[num_pages, page_size, kv_heads, head_dim]`` (NHD), float16 or bfloat16;
+- ``k_pages`` / ``v_pages`` of one layer: ``[num_pages, page_size, kv_heads, head_dim]`` (NHD), float16
+  or bfloat16 (a :class:`PagedKVCache` holds ``[num_layers, num_pages, ...]``; ``k_pages[i]`` is layer i's);
 - ``block_table``: int32 ``[batch, max_pages_per_seq]``; entry ``p`` of row ``b`` is the page holding
   keys ``p * page_size .. (p + 1) * page_size - 1`` of sequence ``b`` (any page size >= 1, any order);
+  one table serves every layer (a page id names the same slots in each layer's pool);
 - ``kv_lens``: int32 ``[batch]``, keys in the cache per sequence, new tokens included once appended;
 - ``q``: ragged ``[total_q, heads, head_dim]``, ``q_indptr`` int32 ``[batch + 1]`` marks each sequence's
   queries (None: one query per sequence, i.e. decode); ``heads`` a multiple of ``kv_heads``;
@@ -17,6 +19,21 @@ Host metadata (which CTA does which rows, split-KV counts, workspaces) lives in 
 built once per batch shape; :meth:`AttentionPlan.run` does no host sync and, given ``out`` (and ``lse``),
 no allocation, so a decode step can be captured in a CUDA graph and replayed with new lengths (the
 kernels read ``kv_lens`` and the block table from device memory at every launch).
+
+Cache bookkeeping (host only, :class:`KVPageTable`, tested on the CPU): one allocator for all layers.
+Per sequence it tracks the positions that have pages (``reserved``) and the tokens written into each
+layer (``length(s, layer)``). An append places a layer's tokens after that layer's own length and
+reserves only positions past ``reserved``, so a step's tokens are reserved once and counted once per
+layer whichever way the calls go: ``reserve`` then per-layer appends, per-layer appends alone (the
+first reserves), or one all-layer ``advance(..., layer=None)``. Errors (capacity, unknown sequences,
+layers out of step) change nothing.
+
+Serving loops use a :class:`PagedBatch` (``cache.batch(seq_ids, q_lens, num_heads=...)``): fixed device
+block table / lengths / q_indptr buffers and an AttentionPlan sized for ``max_kv_len``. Per step,
+``batch.step()`` does the host bookkeeping for all layers and copies the new table and lengths into
+those buffers (outside any capture); ``batch.append(layer, k, v)`` and ``batch.attention(layer, q,
+out=out)`` then launch with no host sync and no allocation, so a whole multi-layer decode step can be
+captured once and replayed after each ``step()``.
 """
 
 from __future__ import annotations
@@ -595,23 +612,8 @@ def append_paged_kv(k, v, k_pages, v_pages, block_table, kv_lens, *, append_indp
         keeps host copies, passes False.
     check_tables : also check the table's page ids on the device (one sync).
     """
-    dt, num_pages, page_size, kv_heads, head_dim = _check_pools(k_pages, v_pages)
-    _check_float_dtype("k", k, dt)
-    _check_float_dtype("v", v, dt)
-    V.check_ndim("k", k, (3,))
-    V.check_shape("k", k, (None, kv_heads, head_dim))
-    V.check_shape("v", v, V.shape_of(k))
-    _check_int32("block_table", block_table, 2)
-    _check_int32("kv_lens", kv_lens, 1)
-    batch = int(kv_lens.shape[0])
-    V.check_shape("block_table", block_table, (batch, None))
-    total_new = int(k.shape[0])
-    if append_indptr is None:
-        if total_new != batch:
-            raise ValueError(f"k: without append_indptr one new token per sequence is expected, so {batch} rows, got {total_new}")
-    else:
-        _check_int32("append_indptr", append_indptr, 1)
-        V.check_shape("append_indptr", append_indptr, (batch + 1,))
+    dt, num_pages, page_size, kv_heads, head_dim, batch, total_new = _check_append_args(
+        k, v, k_pages, v_pages, block_table, kv_lens, append_indptr)
     if check:
         kv_host = _host_int("kv_lens", kv_lens)
         indptr = np.arange(batch + 1) if append_indptr is None else _host_int("append_indptr", append_indptr)
@@ -636,25 +638,67 @@ def append_paged_kv(k, v, k_pages, v_pages, block_table, kv_lens, *, append_indp
                      np.int32(batch), np.int32(page_size), np.int32(token_vecs)), stream=ctx.stream)
 
 
+def _check_append_args(k, v, k_pages, v_pages, block_table, kv_lens, append_indptr):
+    """Host-side checks of an append's arguments (no sync): dtypes and shapes. Returns
+    (dtype, num_pages, page_size, kv_heads, head_dim, batch, total_new)."""
+    dt, num_pages, page_size, kv_heads, head_dim = _check_pools(k_pages, v_pages)
+    _check_float_dtype("k", k, dt)
+    _check_float_dtype("v", v, dt)
+    V.check_ndim("k", k, (3,))
+    V.check_shape("k", k, (None, kv_heads, head_dim))
+    V.check_shape("v", v, V.shape_of(k))
+    _check_int32("block_table", block_table, 2)
+    _check_int32("kv_lens", kv_lens, 1)
+    batch = int(kv_lens.shape[0])
+    V.check_shape("block_table", block_table, (batch, None))
+    total_new = int(k.shape[0])
+    if append_indptr is None:
+        if total_new != batch:
+            raise ValueError(f"k: without append_indptr one new token per sequence is expected, so {batch} rows, got {total_new}")
+    else:
+        _check_int32("append_indptr", append_indptr, 1)
+        V.check_shape("append_indptr", append_indptr, (batch + 1,))
+    return dt, num_pages, page_size, kv_heads, head_dim, batch, total_new
+
+
 # ----------------------------------------------------------------------------------------------
 # Paged KV cache
 # ----------------------------------------------------------------------------------------------
 
 
 class KVPageTable:
-    """Host bookkeeping of a paged cache: a free list of pages, each sequence's pages and length.
+    """Host bookkeeping of a paged cache: a free list of pages, each sequence's pages, and how many
+    tokens each layer holds. Pure numpy (no GPU), so it is tested on the CPU.
 
-    Pure numpy (no GPU), so it is tested on the CPU. Lengths are tracked explicitly.
+    One table serves every layer of a model (``num_layers``): a page id names the same slot range in
+    every layer's pool, so pages are allocated once for all layers (as vLLM does). Two counts per
+    sequence:
+
+    - ``reserved(s)``: positions that have pages (grown by :meth:`reserve` and, as needed, :meth:`advance`);
+    - ``length(s, layer)``: tokens written into ``layer`` (grown by :meth:`advance` only), what attention
+      over that layer sees.
+
+    Appends go through :meth:`advance`, which places a layer's new tokens right after that layer's own
+    count and reserves only positions past ``reserved(s)``. So however the calls are arranged (one
+    explicit :meth:`reserve` per step followed by per-layer appends, per-layer appends alone, where the
+    first layer reserves and the others find the pages there, or one all-layer ``advance(layer=None)``
+    per step), a token is reserved once and counted once per layer: no length can be counted twice.
+    Every mutating method is all or nothing: on any error nothing changes.
     """
 
-    def __init__(self, num_pages: int, page_size: int, max_pages_per_seq: int | None = None):
+    def __init__(self, num_pages: int, page_size: int, max_pages_per_seq: int | None = None, *, num_layers: int = 1):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"num_pages, page_size: expected >= 1, got {num_pages}, {page_size}")
-        self.num_pages, self.page_size = int(num_pages), int(page_size)
+        if int(num_layers) != num_layers or num_layers < 1:
+            raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers}")
+        self.num_pages, self.page_size, self.num_layers = int(num_pages), int(page_size), int(num_layers)
         self.max_pages_per_seq = int(max_pages_per_seq or num_pages)
+        if self.max_pages_per_seq < 1:
+            raise ValueError(f"max_pages_per_seq: expected >= 1, got {max_pages_per_seq}")
         self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() hands out low ids first
         self._pages: dict[int, list[int]] = {}
-        self._lens: dict[int, int] = {}
+        self._reserved: dict[int, int] = {}
+        self._written: dict[int, np.ndarray] = {}  # seq -> int64 [num_layers]
         self._next_id = 0
 
     @property
@@ -672,29 +716,54 @@ class KVPageTable:
         seq_id = int(seq_id)
         if seq_id in self._pages:
             raise ValueError(f"seq_id: sequence {seq_id} already exists")
-        self._pages[seq_id], self._lens[seq_id] = [], 0
+        self._pages[seq_id], self._reserved[seq_id] = [], 0
+        self._written[seq_id] = np.zeros(self.num_layers, dtype=np.int64)
         return seq_id
 
     def free_sequence(self, seq_id: int) -> None:
         self._require(seq_id)
         self._free.extend(reversed(self._pages.pop(seq_id)))
-        del self._lens[seq_id]
-
-    def length(self, seq_id: int) -> int:
-        self._require(seq_id)
-        return self._lens[seq_id]
-
-    def pages(self, seq_id: int) -> list[int]:
-        self._require(seq_id)
-        return list(self._pages[seq_id])
+        del self._reserved[seq_id], self._written[seq_id]
 
     def _require(self, seq_id) -> None:
         if int(seq_id) not in self._pages:
             raise ValueError(f"seq_id: no sequence {seq_id} in the cache (known: {sorted(self._pages)[:16]})")
 
-    def reserve(self, seq_ids: Sequence[int], new_tokens: Sequence[int]) -> np.ndarray:
-        """Grow each sequence by its new tokens, taking pages from the free list. All or nothing: on any
-        error (unknown or repeated id, capacity) nothing changes. Returns the new lengths (int64)."""
+    def _layer(self, layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        if not 0 <= int(layer) < self.num_layers:
+            raise ValueError(f"layer: expected 0 <= layer < {self.num_layers} (num_layers), got {layer}")
+        return int(layer)
+
+    def reserved(self, seq_id: int) -> int:
+        """Positions of the sequence that have pages (>= every layer's length)."""
+        self._require(seq_id)
+        return self._reserved[int(seq_id)]
+
+    def length(self, seq_id: int, layer: int | None = 0) -> int:
+        """Tokens written into ``layer``; None: the count every layer shares (ValueError if they differ,
+        i.e. in the middle of a step's per-layer appends)."""
+        self._require(seq_id)
+        w = self._written[int(seq_id)]
+        if layer is not None:
+            return int(w[self._layer(layer)])
+        if w.min() != w.max():
+            raise ValueError(
+                f"seq_id: sequence {seq_id}'s layers hold different token counts ({w.tolist()}): finish the "
+                f"step's per-layer appends first"
+            )
+        return int(w[0])
+
+    def lengths(self, seq_ids: Sequence[int], layer: int | None = 0) -> np.ndarray:
+        """int32 [len(seq_ids)] of :meth:`length`."""
+        return np.array([self.length(s, layer) for s in seq_ids], dtype=np.int32)
+
+    def pages(self, seq_id: int) -> list[int]:
+        self._require(seq_id)
+        return list(self._pages[int(seq_id)])
+
+    def _check_step(self, seq_ids, new_tokens) -> tuple[list[int], list[int]]:
         seq_ids = [int(s) for s in seq_ids]
         new_tokens = [int(n) for n in new_tokens]
         if len(seq_ids) != len(new_tokens):
@@ -705,12 +774,17 @@ class KVPageTable:
             self._require(s)
             if n < 0:
                 raise ValueError(f"new_tokens: expected counts >= 0, got {n} for sequence {s}")
+        return seq_ids, new_tokens
+
+    def _grow(self, seq_ids: list[int], totals: list[int]) -> None:
+        """Give each sequence pages for max(reserved, total) positions, all or nothing."""
         need = []
-        for s, n in zip(seq_ids, new_tokens):
-            pages = -(-(self._lens[s] + n) // self.page_size)
+        for s, total in zip(seq_ids, totals):
+            total = max(total, self._reserved[s])
+            pages = -(-total // self.page_size)
             if pages > self.max_pages_per_seq:
                 raise ValueError(
-                    f"append: sequence {s} would hold {self._lens[s] + n} tokens = {pages} pages, over "
+                    f"append: sequence {s} would hold {total} tokens = {pages} pages, over "
                     f"max_pages_per_seq ({self.max_pages_per_seq}); nothing was written"
                 )
             need.append(pages - len(self._pages[s]))
@@ -719,10 +793,35 @@ class KVPageTable:
                 f"append: the cache is full: {sum(need)} new pages of {self.page_size} tokens needed, "
                 f"{len(self._free)} free of {self.num_pages}; nothing was written"
             )
-        for s, n, k in zip(seq_ids, new_tokens, need):
+        for s, total, k in zip(seq_ids, totals, need):
             self._pages[s].extend(self._free.pop() for _ in range(k))
-            self._lens[s] += n
-        return np.array([self._lens[s] for s in seq_ids], dtype=np.int64)
+            self._reserved[s] = max(self._reserved[s], total)
+
+    def reserve(self, seq_ids: Sequence[int], new_tokens: Sequence[int]) -> np.ndarray:
+        """Pages for ``new_tokens`` more positions per sequence past its reserved count, in every layer,
+        ahead of the appends that fill them (which then reserve nothing more). Writes no layer's
+        length. All or nothing. Returns the reserved counts after (int64)."""
+        seq_ids, new_tokens = self._check_step(seq_ids, new_tokens)
+        self._grow(seq_ids, [self._reserved[s] + n for s, n in zip(seq_ids, new_tokens)])
+        return np.array([self._reserved[s] for s in seq_ids], dtype=np.int64)
+
+    def advance(self, seq_ids: Sequence[int], new_tokens: Sequence[int], *, layer: int | None = 0) -> np.ndarray:
+        """Count ``new_tokens`` tokens appended to each sequence in ``layer`` (None: in every layer at once,
+        whose counts must then agree), reserving pages for positions past the reserved count.
+
+        Sequence s's new tokens take positions ``length(s, layer) .. length(s, layer) + n - 1``: the
+        positions follow the layer's own count, so a later layer of the same step reuses what an
+        earlier layer (or :meth:`reserve`) reserved. All or nothing. Returns the layer's lengths after
+        (int64), the ``kv_lens`` its append and attention take.
+        """
+        seq_ids, new_tokens = self._check_step(seq_ids, new_tokens)
+        sel = slice(None) if layer is None else self._layer(layer)
+        starts = [self.length(s, None if layer is None else sel) for s in seq_ids]  # raises if layers differ
+        ends = [a + n for a, n in zip(starts, new_tokens)]
+        self._grow(seq_ids, ends)
+        for s, e in zip(seq_ids, ends):
+            self._written[s][sel] = e
+        return np.array(ends, dtype=np.int64)
 
     def block_table(self, seq_ids: Sequence[int], width: int | None = None) -> np.ndarray:
         """int32 [len(seq_ids), width] (default: max_pages_per_seq); unused entries hold -1."""
@@ -730,11 +829,10 @@ class KVPageTable:
         table = np.full((len(seq_ids), width), -1, dtype=np.int32)
         for i, s in enumerate(seq_ids):
             p = self.pages(s)
+            if len(p) > width:
+                raise ValueError(f"width: sequence {s} has {len(p)} pages, expected width >= {len(p)}, got {width}")
             table[i, : len(p)] = p
         return table
-
-    def lengths(self, seq_ids: Sequence[int]) -> np.ndarray:
-        return np.array([self.length(s) for s in seq_ids], dtype=np.int32)
 
 
 def slot_positions(kv_lens_after: np.ndarray, new_tokens: np.ndarray, table: np.ndarray, page_size: int) -> np.ndarray:
@@ -747,45 +845,151 @@ def slot_positions(kv_lens_after: np.ndarray, new_tokens: np.ndarray, table: np.
     return np.array(out, dtype=np.int64)
 
 
+class BatchState:
+    """The host side of a batch of sequences over a :class:`KVPageTable`: their query counts, block
+    table and lengths as host arrays, kept current in place by :meth:`step` and :meth:`update`.
+
+    Pure numpy (tested on the CPU); :class:`PagedBatch` adds the device buffers and the plan, and any
+    other backend (e.g. a numpy replay) can subclass it the same way, overriding :meth:`_upload`.
+
+    seq_ids : distinct live sequences; q_lens : new tokens (queries) per sequence and step (None: one,
+    decode). Every layer of the sequences must hold the same count when the batch is made.
+
+    Attributes: ``q_lens`` int64 [B]; ``q_indptr_host`` int32 [B + 1] (also the append layout);
+    ``block_table_host`` int32 [B, max_pages_per_seq] (-1 past each sequence's pages);
+    ``kv_lens_host`` int32 [B], the lengths the last :meth:`step` / :meth:`update` recorded.
+    """
+
+    def __init__(self, pages: KVPageTable, seq_ids: Sequence[int], q_lens: Sequence[int] | None = None):
+        seq_ids = [int(s) for s in seq_ids]
+        if not seq_ids:
+            raise ValueError("seq_ids: expected at least one sequence, got none")
+        q = [1] * len(seq_ids) if q_lens is None else [int(n) for n in q_lens]
+        pages._check_step(seq_ids, q)  # known, distinct, counts >= 0, one per sequence
+        self.pages, self.seq_ids, self.batch = pages, seq_ids, len(seq_ids)
+        self.q_lens = np.array(q, dtype=np.int64)
+        self.decode_only = q_lens is None or bool(np.all(self.q_lens == 1))
+        self.total_q = int(self.q_lens.sum())
+        self.q_indptr_host = np.concatenate([[0], np.cumsum(self.q_lens)]).astype(np.int32)
+        self.block_table_host = np.full((self.batch, pages.max_pages_per_seq), -1, dtype=np.int32)
+        self.kv_lens_host = np.zeros(self.batch, dtype=np.int32)
+        self._num_pages = np.zeros(self.batch, dtype=np.int64)  # pages written into each table row
+        self._read_state(full=True)
+
+    def _read_state(self, full: bool, lens: np.ndarray | None = None) -> bool:
+        """Host arrays <- the page table (only new pages of each row unless ``full``); True when the
+        block table changed."""
+        if lens is None:
+            lens = self.pages.lengths(self.seq_ids, None)  # raises (changing nothing) if layers differ
+        for s in self.seq_ids:
+            self.pages._require(s)
+        changed = False
+        for i, s in enumerate(self.seq_ids):
+            p = self.pages._pages[s]
+            if full or len(p) != self._num_pages[i]:
+                lo = 0 if full else int(self._num_pages[i])
+                row = self.block_table_host[i]
+                row[lo : len(p)] = p[lo:]
+                row[len(p) :] = -1
+                self._num_pages[i] = len(p)
+                changed = True
+        self.kv_lens_host[...] = lens
+        return changed
+
+    def step(self, stream=None) -> np.ndarray:
+        """One forward's bookkeeping: count ``q_lens`` new tokens per sequence in every layer at once
+        (``KVPageTable.advance(..., layer=None)``: reserved once, counted once), then write the new
+        block table and lengths into the batch's buffers. All or nothing on the host. Returns the
+        lengths after (int64): sequence b's new tokens sit at positions ``len - q_lens[b] .. len - 1``."""
+        stream = self._upload_stream(stream)
+        lens = self.pages.advance(self.seq_ids, self.q_lens, layer=None)
+        changed = self._read_state(full=False, lens=lens)
+        self._upload(changed, stream)
+        return lens
+
+    def update(self, stream=None) -> np.ndarray:
+        """Re-read the sequences' pages and (common) lengths from the page table and write them into the
+        batch's buffers, counting nothing (e.g. after appends made through the cache). Returns the lengths."""
+        stream = self._upload_stream(stream)
+        self._read_state(full=True)
+        self._upload(True, stream)
+        return self.kv_lens_host.astype(np.int64)
+
+    def _upload_stream(self, stream):
+        """The stream the copies will use, checked before anything changes (backends override)."""
+        return stream
+
+    def _upload(self, table_changed: bool, stream) -> None:
+        """Host arrays -> wherever the backend's kernels read them (the host arrays themselves here)."""
+
+
 class PagedKVCache:
-    """A paged K/V cache on one GPU: page pools, an allocator, and per-sequence tables and lengths.
+    """A paged K/V cache of one or more layers on one GPU: page pools, one allocator for all layers,
+    per-sequence tables and lengths, and capture-friendly batches.
 
     Parameters
     ----------
-    num_pages, page_size, num_kv_heads, head_dim : pool shape [num_pages, page_size, kv_heads, head_dim].
+    num_pages, page_size, num_kv_heads, head_dim : one layer's pool is [num_pages, page_size, kv_heads, head_dim].
     dtype : "float16" or "bfloat16".
+    num_layers : layers sharing the page table (a page id names the same slots in every layer's pool).
     max_pages_per_seq : width of the block tables handed to the kernels (default: num_pages).
     device : GPU id (default: the current one).
 
+    ``k_pages`` / ``v_pages`` are always [num_layers, num_pages, page_size, kv_heads, head_dim];
+    ``k_pages[i]`` (or ``layer(i)``) is layer i's C-contiguous pool, the layout the kernels take.
+    Host bookkeeping is a :class:`KVPageTable` (``pages``): see there how reservations and per-layer
+    lengths work. Two ways to drive it:
+
+    - eager: ``append(seq_ids, k, v, new_tokens, layer=i)`` then ``attention(seq_ids, q, q_lens, layer=i)``
+      for each layer (the first layer's append reserves the pages, the others reuse them; each call
+      uploads tables and builds a plan);
+    - serving loops / CUDA graphs: ``b = batch(seq_ids, q_lens, num_heads=...)`` once, then per step
+      ``b.step()`` (host bookkeeping for all layers + copies into fixed device buffers) and per layer
+      ``b.append(i, k, v)``, ``b.attention(i, q, out=out)`` (no host sync, no allocation: capturable).
+
     Example
     -------
-    >>> cache = PagedKVCache(1024, 16, 8, 128, "float16")          # doctest: +SKIP
-    >>> s = cache.add_sequence()                                   # doctest: +SKIP
-    >>> cache.append([s], k_new, v_new, [k_new.shape[0]])          # doctest: +SKIP
-    >>> out = cache.attention([s], q, q_lens=[q.shape[0]])         # doctest: +SKIP
+    >>> cache = PagedKVCache(1024, 16, 8, 128, "float16", num_layers=2)  # doctest: +SKIP
+    >>> s = cache.add_sequence()                                         # doctest: +SKIP
+    >>> for i in range(2):                                               # doctest: +SKIP
+    ...     cache.append([s], k[i], v[i], [n], layer=i)
+    ...     out = cache.attention([s], q[i], q_lens=[n], layer=i)
     """
 
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: str = "float16", *,
-                 max_pages_per_seq: int | None = None, device: int | None = None):
+                 num_layers: int = 1, max_pages_per_seq: int | None = None, device: int | None = None):
         if dtype not in DTYPES:
             raise TypeError(f"dtype: expected one of {DTYPES}, got {dtype}")
         if head_dim not in HEAD_DIMS:
             raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
         if num_kv_heads < 1:
             raise ValueError(f"num_kv_heads: expected >= 1, got {num_kv_heads}")
-        self.pages = KVPageTable(num_pages, page_size, max_pages_per_seq)
+        self.pages = KVPageTable(num_pages, page_size, max_pages_per_seq, num_layers=num_layers)
         self.num_kv_heads, self.head_dim, self.dtype = int(num_kv_heads), int(head_dim), dtype
         cp = _jit.require_gpu()
         self.device_id = int(cp.cuda.Device().id if device is None else device)
         np_dtype = V.np_dtype(dtype)
         with cp.cuda.Device(self.device_id):
-            shape = (num_pages, page_size, num_kv_heads, head_dim)
+            shape = (self.num_layers, num_pages, page_size, num_kv_heads, head_dim)
             self.k_pages = cp.empty(shape, dtype=np_dtype)
             self.v_pages = cp.empty(shape, dtype=np_dtype)
+        self._layers = [(self.k_pages[i], self.v_pages[i]) for i in range(self.num_layers)]
 
     @property
     def page_size(self) -> int:
         return self.pages.page_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.pages.num_layers
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k_pages.nbytes + self.v_pages.nbytes)
+
+    def layer(self, i: int):
+        """(k_pages, v_pages) of layer i: [num_pages, page_size, kv_heads, head_dim] views."""
+        return self._layers[self.pages._layer(i)]
 
     def add_sequence(self, seq_id: int | None = None) -> int:
         return self.pages.add_sequence(seq_id)
@@ -793,18 +997,26 @@ class PagedKVCache:
     def free_sequence(self, seq_id: int) -> None:
         self.pages.free_sequence(seq_id)
 
-    def length(self, seq_id: int) -> int:
-        return self.pages.length(seq_id)
+    def length(self, seq_id: int, layer: int | None = 0) -> int:
+        """Tokens of the sequence in ``layer`` (None: the count all layers share)."""
+        return self.pages.length(seq_id, layer)
 
-    def tables(self, seq_ids: Sequence[int]):
-        """(block_table int32 [B, max_pages_per_seq], kv_lens int32 [B]) on the GPU for a batch."""
+    def reserve(self, seq_ids: Sequence[int], new_tokens: Sequence[int]) -> np.ndarray:
+        """Reserve pages for a step's tokens in every layer ahead of the per-layer appends (optional:
+        the first append past the reserved positions reserves them). See :meth:`KVPageTable.reserve`."""
+        return self.pages.reserve(seq_ids, new_tokens)
+
+    def tables(self, seq_ids: Sequence[int], layer: int = 0):
+        """(block_table int32 [B, max_pages_per_seq], kv_lens int32 [B] of ``layer``) on the GPU."""
+        table, lens = self.pages.block_table(seq_ids), self.pages.lengths(seq_ids, layer)
         cp = _jit.require_gpu()
         with cp.cuda.Device(self.device_id):
-            return cp.asarray(self.pages.block_table(seq_ids)), cp.asarray(self.pages.lengths(seq_ids))
+            return cp.asarray(table), cp.asarray(lens)
 
-    def append(self, seq_ids: Sequence[int], k, v, new_tokens: Sequence[int] | None = None) -> None:
-        """Append ragged new tokens: k, v [sum(new_tokens), kv_heads, head_dim] (default one token per
-        sequence). Pages are allocated as needed; past capacity raises ValueError and writes nothing."""
+    def append(self, seq_ids: Sequence[int], k, v, new_tokens: Sequence[int] | None = None, *, layer: int = 0) -> None:
+        """Append ragged new tokens to ``layer``: k, v [sum(new_tokens), kv_heads, head_dim] (default one
+        token per sequence), placed after the layer's current length (``KVPageTable.advance``). Pages
+        are allocated only past the reserved positions; past capacity raises ValueError and writes nothing."""
         seq_ids = [int(s) for s in seq_ids]
         new_tokens = [1] * len(seq_ids) if new_tokens is None else [int(n) for n in new_tokens]
         _check_float_dtype("k", k, self.dtype)
@@ -812,30 +1024,118 @@ class PagedKVCache:
         V.check_ndim("k", k, (3,))
         V.check_shape("k", k, (sum(new_tokens), self.num_kv_heads, self.head_dim))
         V.check_shape("v", v, V.shape_of(k))
+        self.pages._layer(layer)
         if not seq_ids:
             return
-        self.pages.reserve(seq_ids, new_tokens)  # raises, changing nothing, when the pages run out
+        lens = self.pages.advance(seq_ids, new_tokens, layer=layer)  # raises, changing nothing, when pages run out
+        if not sum(new_tokens):
+            return
         cp = _jit.require_gpu()
-        table, lens = self.tables(seq_ids)
         with cp.cuda.Device(self.device_id):
+            table = cp.asarray(self.pages.block_table(seq_ids))
+            lens_d = cp.asarray(lens.astype(np.int32))
             indptr = cp.asarray(np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32))
-        if sum(new_tokens):
-            append_paged_kv(k, v, self.k_pages, self.v_pages, table, lens, append_indptr=indptr, check=False)
+        kp, vp = self._layers[layer]
+        append_paged_kv(k, v, kp, vp, table, lens_d, append_indptr=indptr, check=False)
 
-    def attention(self, seq_ids: Sequence[int], q, q_lens: Sequence[int] | None = None, *, causal: bool = True,
-                  softmax_scale: float | None = None, return_lse: bool = False, out=None):
-        """Attention of q [sum(q_lens), heads, head_dim] (default one query per sequence) over the cached
-        keys of ``seq_ids``; the last q_len cached tokens of each sequence are its queries' positions."""
+    def attention(self, seq_ids: Sequence[int], q, q_lens: Sequence[int] | None = None, *, layer: int = 0,
+                  causal: bool = True, softmax_scale: float | None = None, return_lse: bool = False, out=None):
+        """Attention of q [sum(q_lens), heads, head_dim] (default one query per sequence) over the keys of
+        ``seq_ids`` in ``layer``; the last q_len tokens of each sequence are its queries' positions."""
         seq_ids = [int(s) for s in seq_ids]
         V.check_ndim("q", q, (3,))
-        table, lens = self.tables(seq_ids)
+        self.pages._layer(layer)
+        table, lens = self.tables(seq_ids, layer)
         indptr = None
         if q_lens is not None:
             indptr = np.concatenate([[0], np.cumsum([int(n) for n in q_lens])]).astype(np.int32)
-        kv = self.pages.lengths(seq_ids).astype(np.int64)
+        kv = self.pages.lengths(seq_ids, layer).astype(np.int64)
         ctx = interop.call_context(q=q)
         plan = AttentionPlan(indptr, kv, num_heads=int(q.shape[1]), num_kv_heads=self.num_kv_heads,
                              head_dim=self.head_dim, page_size=self.page_size, dtype=self.dtype, causal=causal,
                              softmax_scale=softmax_scale, max_pages_per_seq=self.pages.max_pages_per_seq,
                              device=ctx.device_id)
-        return plan.run(q, self.k_pages, self.v_pages, table, lens, out=out, return_lse=return_lse)
+        kp, vp = self._layers[layer]
+        return plan.run(q, kp, vp, table, lens, out=out, return_lse=return_lse)
+
+    def batch(self, seq_ids: Sequence[int], q_lens: Sequence[int] | None = None, *, num_heads: int,
+              max_kv_len: int | None = None, causal: bool = True, softmax_scale: float | None = None) -> "PagedBatch":
+        """A :class:`PagedBatch`: fixed device buffers and an attention plan for steps of ``q_lens`` new
+        tokens per sequence (None: decode), over every layer. ``max_kv_len``: the longest length the
+        batch will reach (split-KV counts are sized for it; longer lengths that fit the table stay correct)."""
+        return PagedBatch(self, seq_ids, q_lens, num_heads=num_heads, max_kv_len=max_kv_len, causal=causal,
+                          softmax_scale=softmax_scale)
+
+
+class PagedBatch(BatchState):
+    """A batch of a :class:`PagedKVCache` whose steps can be captured in a CUDA graph.
+
+    Device buffers, allocated once: ``block_table`` int32 [B, max_pages_per_seq], ``kv_lens`` int32 [B]
+    (lengths after the current step's tokens), ``q_indptr`` int32 [B + 1] (queries and appended tokens
+    of each sequence, fixed), and ``plan`` (an :class:`AttentionPlan` for the batch's q layout).
+
+    Per step: :meth:`step` (host bookkeeping for all layers, then host->device copies into the same
+    buffers, in the stream order of ``stream``, default the current stream; never during a capture),
+    then per layer :meth:`append` and :meth:`attention`, which read only those buffers: no host sync, and
+    no allocation when ``out`` (and ``lse``) are given. Capture one step's launches once, then for every
+    later step call :meth:`step` and replay. Keep the batch alive as long as the graph (the graph holds
+    its buffers' addresses). A different q layout (e.g. another prefill chunk) needs another batch.
+
+    Made by :meth:`PagedKVCache.batch`.
+    """
+
+    def __init__(self, cache: PagedKVCache, seq_ids, q_lens=None, *, num_heads: int, max_kv_len: int | None = None,
+                 causal: bool = True, softmax_scale: float | None = None):
+        super().__init__(cache.pages, seq_ids, q_lens)
+        self.cache = cache
+        cap = cache.pages.max_pages_per_seq * cache.page_size
+        if max_kv_len is not None and not 0 <= int(max_kv_len) <= cap:
+            raise ValueError(
+                f"max_kv_len: expected 0 <= max_kv_len <= {cap} (max_pages_per_seq {cache.pages.max_pages_per_seq} "
+                f"x page_size {cache.page_size}), got {max_kv_len}"
+            )
+        planned = self.kv_lens_host.astype(np.int64) + self.q_lens  # the lengths after the first step
+        cp = _jit.require_gpu()
+        with cp.cuda.Device(cache.device_id):
+            self.plan = AttentionPlan(
+                None if self.decode_only else self.q_indptr_host, np.minimum(planned, cap), num_heads=num_heads,
+                num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim, page_size=cache.page_size, dtype=cache.dtype,
+                causal=causal, softmax_scale=softmax_scale, max_kv_len=max_kv_len,
+                max_pages_per_seq=cache.pages.max_pages_per_seq, device=cache.device_id,
+            )
+            self.block_table = cp.asarray(self.block_table_host)
+            self.kv_lens = cp.asarray(self.kv_lens_host)
+            self.q_indptr = cp.asarray(self.q_indptr_host)
+
+    def _upload_stream(self, stream):
+        cp = _jit.require_gpu()
+        if stream is None:
+            with cp.cuda.Device(self.cache.device_id):
+                stream = cp.cuda.get_current_stream()
+        if stream.is_capturing():
+            raise ValueError("stream: step() and update() copy host tables to the device, so expected a stream "
+                             "outside graph capture, got one that is capturing; nothing was counted")
+        return stream
+
+    def _upload(self, table_changed: bool, stream) -> None:
+        cp = _jit.require_gpu()
+        with cp.cuda.Device(self.cache.device_id):
+            self.kv_lens.set(self.kv_lens_host, stream=stream)
+            if table_changed:
+                self.block_table.set(self.block_table_host, stream=stream)
+
+    def append(self, layer: int, k, v) -> None:
+        """This step's new tokens (k, v [total_q, kv_heads, head_dim], rows ragged by q_indptr) into
+        ``layer``'s pages, at the positions :meth:`step` counted. No host sync, no allocation."""
+        kp, vp = self.cache.layer(layer)
+        V.check_ndim("k", k, (3,))
+        V.check_shape("k", k, (self.total_q, self.cache.num_kv_heads, self.cache.head_dim))
+        if self.total_q == 0:
+            return
+        append_paged_kv(k, v, kp, vp, self.block_table, self.kv_lens, append_indptr=self.q_indptr, check=False)
+
+    def attention(self, layer: int, q, *, out=None, lse=None, return_lse: bool = False):
+        """Causal attention of q [total_q, heads, head_dim] over ``layer``'s cache (this step's tokens
+        appended first). No host sync; no allocation given ``out`` (and ``lse`` with return_lse)."""
+        kp, vp = self.cache.layer(layer)
+        return self.plan.run(q, kp, vp, self.block_table, self.kv_lens, out=out, lse=lse, return_lse=return_lse)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -74,12 +75,19 @@ assert PROBLEM_DTYPE.itemsize == 128  # noqa: S101 (a module invariant, not user
 # ----------------------------------------------------------------------------------------------
 
 
+ARCH_CHOICES = ("portable", "hopper")
+_WGMMA_THREADS = 256  # two warpgroups of 64 weight rows each
+_WGMMA_TOKEN_TILE = STAGE_K * 2  # bytes per token per stage in the wgmma kernel's core-matrix layout (no padding)
+
+
 @dataclass(frozen=True)
 class GemmKernelConfig(_jit.KernelConfig):
-    """One instantiation of ``cuflash::group_gemm_kernel`` (cuda_src/gemm.cu).
+    """One instantiation of ``cuflash::group_gemm_kernel`` (arch "portable", mma.sync, sm_80+) or of
+    ``cuflash::group_gemm_wgmma_kernel`` (arch "hopper", wgmma, sm_90a only) in cuda_src/gemm.cu.
 
     tokens: "nvfp4" (W4A4), "float16" or "bfloat16" (W4A16); block_m: tokens per CTA tile (16, 32,
-    64 or 128); warps_m: warps splitting those tokens (4 * warps_m warps in all); stages: cp.async
+    64 or 128; the wgmma N); warps_m: warps splitting those tokens (4 * warps_m warps in all;
+    portable only, 1 for hopper, whose two warpgroups split the weight rows); stages: cp.async
     pipeline depth; dual: two weight operands and the silu-gated epilogue.
     """
 
@@ -88,42 +96,54 @@ class GemmKernelConfig(_jit.KernelConfig):
     warps_m: int = 1
     stages: int = 4
     dual: bool = False
+    arch: str = "portable"
     source = "gemm.cu"
-    family = _jit.ARCH_PORTABLE
 
     def __post_init__(self):
         if self.tokens not in _TOKEN_KINDS:
             raise ValueError(f"tokens: expected one of {tuple(_TOKEN_KINDS)}, got {self.tokens!r}")
+        if self.arch not in ARCH_CHOICES:
+            raise ValueError(f"arch: expected one of {ARCH_CHOICES}, got {self.arch!r}")
         if self.block_m % (8 * self.warps_m):
             raise ValueError(f"block_m {self.block_m} must split into whole 8-token MMA tiles over {self.warps_m} warps")
+        if self.arch == "hopper" and (self.warps_m != 1 or self.block_m % 16 or not 16 <= self.block_m <= 256):
+            raise ValueError(f"hopper: expected warps_m 1 and block_m a multiple of 16 in [16, 256], got "
+                             f"warps_m {self.warps_m}, block_m {self.block_m}")
         if self.stages < 2:
             raise ValueError(f"stages: expected >= 2, got {self.stages}")
 
     @property
+    def family(self) -> str:
+        return _jit.ARCH_HOPPER if self.arch == "hopper" else _jit.ARCH_PORTABLE
+
+    @property
     def threads(self) -> int:
-        return 32 * _WARPS_N * self.warps_m
+        return _WGMMA_THREADS if self.arch == "hopper" else 32 * _WARPS_N * self.warps_m
 
     def name_expression(self) -> str:
-        return (
-            f"cuflash::group_gemm_kernel<{self.block_m}, {self.warps_m}, {self.stages}, "
-            f"{_TOKEN_KINDS[self.tokens]}, {'true' if self.dual else 'false'}>"
-        )
+        tok, dual = _TOKEN_KINDS[self.tokens], "true" if self.dual else "false"
+        if self.arch == "hopper":
+            return f"cuflash::group_gemm_wgmma_kernel<{self.block_m}, {self.stages}, {tok}, {dual}>"
+        return f"cuflash::group_gemm_kernel<{self.block_m}, {self.warps_m}, {self.stages}, {tok}, {dual}>"
 
     def name_expressions(self) -> tuple[str, ...]:
         return (self.name_expression(),)
 
     def kernel_name(self) -> str:
-        return f"group_gemm_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}_wm{self.warps_m}_s{self.stages}"
+        kind = "group_gemm_wgmma" if self.arch == "hopper" else "group_gemm"
+        return f"{kind}_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}_wm{self.warps_m}_s{self.stages}"
 
     def smem_bytes(self, num_problems: int) -> int:
-        """Dynamic shared memory of a launch over ``num_problems`` problems (GemmTraits in gemm.cu)."""
+        """Dynamic shared memory of a launch over ``num_problems`` problems (GemmTraits /
+        WgmmaTraits in gemm.cu)."""
         weights = 2 if self.dual else 1
         stage = weights * BLOCK_N * (_STAGE_PACKED + _STAGE_SCALES)
+        token_row = _WGMMA_TOKEN_TILE if self.arch == "hopper" else _TOKEN_PITCH
         if self.tokens == "nvfp4":
             stage += self.block_m * (_STAGE_PACKED + _STAGE_SCALES)
-            f16_buffer = self.block_m * _TOKEN_PITCH
+            f16_buffer = self.block_m * token_row
         else:
-            stage += self.block_m * _TOKEN_PITCH
+            stage += self.block_m * token_row
             f16_buffer = 0
         return self.stages * stage + f16_buffer + 4 * (num_problems + 1)
 
@@ -132,13 +152,20 @@ _BLOCK_M_CHOICES = ((16, 1), (32, 1), (64, 1), (128, 2))  # (block_m, warps_m)
 _DUAL_TILE = (64, 2)
 
 
-def choose_config(tokens: str, dual: bool, rows_hint: int) -> GemmKernelConfig:
+def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable") -> GemmKernelConfig:
     """The kernel config for a call whose groups have about ``rows_hint`` token rows each (the
-    largest M of a group list; the mean rows per expert for the ragged layout).
+    largest M of a group list; the mean rows per expert for the ragged layout), for ``arch``
+    "portable" (mma.sync) or "hopper" (wgmma; see :func:`launch_arch`).
 
     A CTA dequantizes its 128 weight rows once per stage and reuses them for all of its tokens, so
     the largest token tile that does not mostly compute padding wins.
     """
+    if arch == "hopper":
+        # wgmma m64 n(block_m): each warpgroup holds block_m / 2 fp32 accumulators per thread and
+        # weight operand, so the portable tile sizes fit as they are (dual: 2 x 32 at 64 tokens).
+        # Not yet measured on a GPU: the same token tiles as the portable kernel.
+        bm = 64 if dual else next((b for b, _ in _BLOCK_M_CHOICES if rows_hint <= b), 128)
+        return GemmKernelConfig(tokens, bm, 1, dual=dual, arch="hopper")
     if dual:
         # Two accumulator sets: 64 tokens over two warps keeps 64 fp32 accumulators per thread
         # per weight operand (a 64-token single warp would need 128 and spills at 255 registers).
@@ -156,12 +183,31 @@ def choose_config(tokens: str, dual: bool, rows_hint: int) -> GemmKernelConfig:
 
 
 def kernel_variants() -> list[GemmKernelConfig]:
-    """Every config :func:`choose_config` can return (CI compiles them all)."""
+    """Every config :func:`choose_config` can return, both archs (CI compiles them all)."""
     out = []
     for tok in _TOKEN_KINDS:
         out += [GemmKernelConfig(tok, bm, wm) for bm, wm in _BLOCK_M_CHOICES]
         out.append(GemmKernelConfig(tok, *_DUAL_TILE, dual=True))
+    for tok in _TOKEN_KINDS:
+        out += [GemmKernelConfig(tok, bm, 1, arch="hopper") for bm, _ in _BLOCK_M_CHOICES]
+        out.append(GemmKernelConfig(tok, 64, 1, dual=True, arch="hopper"))
     return out
+
+
+WGMMA_ENV = "CUFLASH_GEMM_WGMMA"
+
+
+def _wgmma_requested() -> bool:
+    return os.environ.get(WGMMA_ENV) == "1"
+
+
+def launch_arch(device_id: int) -> str:
+    """"hopper" (the wgmma kernel) when ``CUFLASH_GEMM_WGMMA=1`` and the device is compute
+    capability 9.0, else "portable". Opt-in: the wgmma kernel is verified only in the CPU emulator
+    (tests/test_emulated_kernels.py) until it has run on a GPU."""
+    if _wgmma_requested() and _jit.device_cc(device_id) == (9, 0):
+        return "hopper"
+    return "portable"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,7 +704,7 @@ def _array_key(x):
 def _launch_key(kind: str, arrays: tuple, options: tuple):
     """Cache key of a call, or None when it is not cacheable (no `out`, or non-GPU arguments)."""
     try:
-        return (kind, _array_key(arrays), options)
+        return (kind, _array_key(arrays), options, _wgmma_requested())  # the env var picks the kernel
     except TypeError:
         return None
 
@@ -848,7 +894,7 @@ def _group_gemm(a, b, sfa, sfb, alpha, out, out_dtype, scale_layout, *, key=None
                 results.append(y)
                 out_ptrs.append(ptrs)
         table = build_table(prods, [(ptr, row, l * itemsize) for ptr, row, l in out_ptrs])
-        cfg = choose_config(tokens, False, max(p.m for p in prods))
+        cfg = choose_config(tokens, False, max(p.m for p in prods), launch_arch(ctx.device_id))
         tiles = tile_count([p.m for p in prods for _ in range(p.L)], [p.n for p in prods for _ in range(p.L)], cfg.block_m)
         prepared = _prepare(ctx, cp, cfg, table, tiles, None, blocked, odt)
         if launch:
@@ -913,7 +959,7 @@ def _group_gemm_ragged(a, b, sfa, sfb, offsets, alpha, out, out_dtype, scale_lay
             y = out
             optr, orow = rg.out.ptr, rg.out.row_stride // itemsize
         table = build_ragged_table(rg, optr, orow)
-        cfg = choose_config(tokens, False, V.ceil_div(rg.total_m, rg.groups))
+        cfg = choose_config(tokens, False, V.ceil_div(rg.total_m, rg.groups), launch_arch(ctx.device_id))
         bound = ragged_tile_bound(rg.total_m, rg.groups, rg.n, cfg.block_m)
         prepared = _prepare(ctx, cp, cfg, table, bound, offsets, blocked, odt)
         if launch:
@@ -965,7 +1011,7 @@ def _dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1, alpha2, out, out_dtype, scale
         else:
             y, ptrs = _alloc_out(cp, prod.m, prod.n, prod.L, len(a.shape), odt)
         table = build_table([prod], [(ptrs[0], ptrs[1], ptrs[2] * itemsize)])
-        cfg = choose_config(tokens, True, prod.m)
+        cfg = choose_config(tokens, True, prod.m, launch_arch(ctx.device_id))
         tiles = tile_count([prod.m] * prod.L, [prod.n] * prod.L, cfg.block_m)
         prepared = _prepare(ctx, cp, cfg, table, tiles, None, blocked, odt)
         if launch:

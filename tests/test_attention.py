@@ -178,11 +178,11 @@ def test_page_table_bookkeeping():
     t = A.KVPageTable(num_pages=6, page_size=4, max_pages_per_seq=4)
     a, b = t.add_sequence(), t.add_sequence()
     assert (a, b) == (0, 1)
-    np.testing.assert_array_equal(t.reserve([a, b], [5, 4]), [5, 4])  # a: 2 pages, b: 1
+    np.testing.assert_array_equal(t.advance([a, b], [5, 4]), [5, 4])  # a: 2 pages, b: 1
     assert t.free_pages == 3 and len(t.pages(a)) == 2 and len(t.pages(b)) == 1
-    t.reserve([a], [3])  # 8 tokens: still 2 pages
-    assert t.length(a) == 8 and len(t.pages(a)) == 2
-    t.reserve([a], [1])  # 9th token opens page 3
+    t.advance([a], [3])  # 8 tokens: still 2 pages
+    assert t.length(a) == 8 and t.reserved(a) == 8 and len(t.pages(a)) == 2
+    t.advance([a], [1])  # 9th token opens page 3
     assert len(t.pages(a)) == 3 and t.free_pages == 2
     table = t.block_table([b, a])
     assert table.shape == (2, 4) and table.dtype == np.int32
@@ -197,19 +197,152 @@ def test_page_table_bookkeeping():
         t.add_sequence(b)
 
 
+def _state(t):
+    """Everything a KVPageTable holds, to check that a failed call changed nothing."""
+    return (list(t._free), {s: list(p) for s, p in t._pages.items()}, dict(t._reserved),
+            {s: w.tolist() for s, w in t._written.items()})
+
+
 def test_page_table_capacity_all_or_nothing():
     t = A.KVPageTable(num_pages=3, page_size=2, max_pages_per_seq=3)
     a, b = t.add_sequence(), t.add_sequence()
-    t.reserve([a], [3])  # 2 pages
-    before = (t.free_pages, t.pages(a), t.length(a), t.length(b))
+    t.advance([a], [3])  # 2 pages
+    before = _state(t)
     with pytest.raises(ValueError, match="cache is full.*nothing was written"):
-        t.reserve([a, b], [1, 3])  # a needs 0 new pages, b needs 2; 1 free
-    assert (t.free_pages, t.pages(a), t.length(a), t.length(b)) == before
+        t.advance([a, b], [1, 3])  # a needs 0 new pages, b needs 2; 1 free
+    assert _state(t) == before
+    with pytest.raises(ValueError, match="cache is full.*nothing was written"):
+        t.reserve([a, b], [1, 3])
+    assert _state(t) == before
     with pytest.raises(ValueError, match="over max_pages_per_seq"):
-        t.reserve([a], [4])
+        t.advance([a], [4])
     with pytest.raises(ValueError, match="distinct"):
-        t.reserve([a, a], [1, 1])
-    assert (t.free_pages, t.pages(a), t.length(a)) == before[:3]
+        t.advance([a, a], [1, 1])
+    with pytest.raises(ValueError, match="one count per sequence"):
+        t.advance([a, b], [1])
+    with pytest.raises(ValueError, match="counts >= 0"):
+        t.advance([a], [-1])
+    with pytest.raises(ValueError, match="no sequence 7"):
+        t.advance([a, 7], [1, 1])
+    assert _state(t) == before
+
+
+@pytest.mark.parametrize("pattern", ["appends", "reserve_then_appends", "all_layers"])
+def test_multi_layer_step_reserves_once(pattern):
+    """Three ways to run a step over 3 layers: each reserves the step's pages once and counts each
+    layer's tokens once; lengths follow each layer's own count."""
+    L, ps = 3, 4
+    t = A.KVPageTable(num_pages=12, page_size=ps, num_layers=L)
+    a, b = t.add_sequence(), t.add_sequence()
+    lens = np.zeros(2, np.int64)
+    for new in ([5, 3], [1, 1], [4, 0], [1, 6]):
+        if pattern == "all_layers":
+            got = t.advance([a, b], new, layer=None)
+            np.testing.assert_array_equal(got, lens + new)
+        else:
+            if pattern == "reserve_then_appends":
+                np.testing.assert_array_equal(t.reserve([a, b], new), lens + new)
+            for layer in range(L):
+                free = t.free_pages
+                got = t.advance([a, b], new, layer=layer)
+                np.testing.assert_array_equal(got, lens + new)
+                if layer > 0 or pattern == "reserve_then_appends":
+                    assert t.free_pages == free, "a later layer (or appends after reserve) reserved again"
+                if layer < L - 1:  # mid-step: the layers disagree, all-layer reads refuse
+                    assert t.length(a, layer) == lens[0] + new[0] and t.length(a, L - 1) == lens[0]
+                    with pytest.raises(ValueError, match="different token counts"):
+                        t.length(a, None)
+                    before = _state(t)
+                    with pytest.raises(ValueError, match="different token counts"):
+                        t.advance([a, b], [1, 1], layer=None)
+                    assert _state(t) == before
+        lens = lens + new
+        for s, n in zip((a, b), lens):
+            assert t.reserved(s) == n and t.length(s, None) == n
+            assert [t.length(s, layer) for layer in range(L)] == [n] * L
+            assert len(t.pages(s)) == -(-int(n) // ps)  # pages for one copy of the tokens, shared by all layers
+        np.testing.assert_array_equal(t.lengths([b, a], None), lens[::-1])
+    assert t.free_pages == 12 - sum(-(-int(n) // ps) for n in lens)
+
+
+def test_multi_layer_capacity_error_in_a_later_layer_changes_nothing():
+    t = A.KVPageTable(num_pages=3, page_size=2, max_pages_per_seq=8, num_layers=2)
+    a = t.add_sequence()
+    t.advance([a], [4], layer=0)  # 2 pages
+    t.advance([a], [2], layer=1)  # within what layer 0 reserved
+    before = _state(t)
+    with pytest.raises(ValueError, match="cache is full"):
+        t.advance([a], [5], layer=1)  # positions 2..6: 4 pages, 1 more than free
+    assert _state(t) == before
+    with pytest.raises(ValueError, match=r"expected 0 <= layer < 2 \(num_layers\), got 2"):
+        t.advance([a], [1], layer=2)
+    with pytest.raises(TypeError, match="layer: expected an int"):
+        t.length(a, 1.0)
+    assert _state(t) == before
+    t.advance([a], [3], layer=1)  # positions 2..4: one more page (5 positions)
+    assert t.reserved(a) == 5 and [t.length(a, i) for i in range(2)] == [4, 5] and t.free_pages == 0
+
+
+def test_batch_state_steps_and_tables():
+    """BatchState (PagedBatch's host side) keeps its host tables current in place, step by step."""
+    ps = 4
+    t = A.KVPageTable(num_pages=20, page_size=ps, max_pages_per_seq=6, num_layers=2)
+    seqs = [t.add_sequence() for _ in range(3)]
+    t.advance(seqs, [3, 0, 8], layer=None)
+    prefill = A.BatchState(t, seqs, [2, 1, 5])
+    np.testing.assert_array_equal(prefill.q_indptr_host, [0, 2, 3, 8])
+    assert not prefill.decode_only and prefill.total_q == 8
+    np.testing.assert_array_equal(prefill.kv_lens_host, [3, 0, 8])  # before the first step
+    np.testing.assert_array_equal(prefill.step(), [5, 1, 13])
+    np.testing.assert_array_equal(prefill.block_table_host, t.block_table(seqs))
+    dec = A.BatchState(t, seqs)
+    assert dec.decode_only and dec.total_q == 3
+    table_buf, lens_buf = dec.block_table_host, dec.kv_lens_host
+    for step in range(1, 9):
+        lens = dec.step()
+        np.testing.assert_array_equal(lens, [5 + step, 1 + step, 13 + step])
+        assert dec.block_table_host is table_buf and dec.kv_lens_host is lens_buf  # rewritten in place
+        np.testing.assert_array_equal(table_buf, t.block_table(seqs))
+        np.testing.assert_array_equal(lens_buf, lens)
+        for s, n in zip(seqs, lens):
+            assert [t.length(s, i) for i in range(2)] == [n, n] and t.reserved(s) == n
+    # appends through the cache (here: its bookkeeping), then update() re-reads without counting
+    t.advance(seqs[:1], [2], layer=0)
+    with pytest.raises(ValueError, match="different token counts"):
+        dec.update()
+    t.advance(seqs[:1], [2], layer=1)
+    np.testing.assert_array_equal(dec.update(), [15, 9, 21])
+    np.testing.assert_array_equal(dec.block_table_host, t.block_table(seqs))
+    # a step past max_pages_per_seq (6 pages = 24 tokens) changes nothing, host arrays included
+    t.advance(seqs[2:], [3], layer=None)  # 24 tokens
+    dec.update()
+    before, arrays = _state(t), (dec.block_table_host.copy(), dec.kv_lens_host.copy())
+    with pytest.raises(ValueError, match="over max_pages_per_seq"):
+        dec.step()
+    assert _state(t) == before
+    np.testing.assert_array_equal(dec.block_table_host, arrays[0])
+    np.testing.assert_array_equal(dec.kv_lens_host, arrays[1])
+
+
+def test_batch_state_validation():
+    t = A.KVPageTable(num_pages=4, page_size=4, num_layers=2)
+    a = t.add_sequence()
+    with pytest.raises(ValueError, match="at least one sequence"):
+        A.BatchState(t, [])
+    with pytest.raises(ValueError, match="no sequence 5"):
+        A.BatchState(t, [a, 5])
+    with pytest.raises(ValueError, match="distinct"):
+        A.BatchState(t, [a, a])
+    with pytest.raises(ValueError, match="one count per sequence"):
+        A.BatchState(t, [a], [1, 2])
+    t.advance([a], [1], layer=1)
+    with pytest.raises(ValueError, match="different token counts"):
+        A.BatchState(t, [a])
+    t.advance([a], [1], layer=0)
+    b = A.BatchState(t, [a])
+    t.free_sequence(a)
+    with pytest.raises(ValueError, match="no sequence 0"):
+        b.step()
 
 
 @pytest.mark.parametrize("page_size", [1, 5, 16])
@@ -220,7 +353,7 @@ def test_slot_positions_round_trip(rng, page_size):
     tokens = {s: [] for s in seqs}
     pool = np.full((40, page_size, 1, 2), np.nan)
     for new in ([3, 0, 17], [1, 6, 1], [page_size, 1, 2]):
-        after = t.reserve(seqs, new)
+        after = t.advance(seqs, new)
         table = t.block_table(seqs)
         slots = A.slot_positions(after, np.array(new), table, page_size)
         vals = rng.standard_normal((sum(new), 1, 2))
@@ -555,16 +688,16 @@ def test_paged_kv_cache_end_to_end(cp, rng):
     q = make_q(rng, 15, heads, d, "float16")
     out = cache.attention([a, b], cp.asarray(q), [12, 3]).get()
     table, lens = (x.get() for x in cache.tables([a, b]))
-    kp, vp = cache.k_pages.get(), cache.v_pages.get()
+    kp, vp = cache.k_pages[0].get(), cache.v_pages[0].get()
     check_close(out, None, q, kp, vp, table, lens, np.array([0, 12, 15], np.int32), "float16")
     for _ in range(3):  # decode steps
         append([a, b], [1, 1])
         q = make_q(rng, 2, heads, d, "float16")
         out = cache.attention([a, b], cp.asarray(q)).get()
         table, lens = (x.get() for x in cache.tables([a, b]))
-        check_close(out, None, q, cache.k_pages.get(), cache.v_pages.get(), table, lens, None, "float16")
+        check_close(out, None, q, cache.k_pages[0].get(), cache.v_pages[0].get(), table, lens, None, "float16")
     for s in (a, b):  # the cache holds exactly what was appended
-        k = reference.gather_kv(cache.k_pages.get(), cache.pages.block_table([s])[0], cache.length(s))
+        k = reference.gather_kv(cache.k_pages[0].get(), cache.pages.block_table([s])[0], cache.length(s))
         np.testing.assert_array_equal(k, np.concatenate([kk for kk, _ in full[s]]).astype(np.float64))
     before = cache.k_pages.get()
     big = cp.asarray(rng.standard_normal((200, kvh, d)).astype(np.float16))
@@ -572,6 +705,110 @@ def test_paged_kv_cache_end_to_end(cp, rng):
         cache.append([a], big, big, [200])
     np.testing.assert_array_equal(cache.k_pages.get().view(np.uint16), before.view(np.uint16))
     assert cache.length(a) == 15
+
+
+@pytest.mark.gpu
+def test_paged_kv_cache_multi_layer(cp, rng):
+    """Two layers sharing one page table: per-layer appends (the first reserves, the second reuses its pages),
+    per-layer attention against the reference over that layer's pool."""
+    L, heads, kvh, d, ps = 2, 8, 2, 64, 4
+    cache = A.PagedKVCache(num_pages=40, page_size=ps, num_kv_heads=kvh, head_dim=d, dtype="bfloat16", num_layers=L,
+                           max_pages_per_seq=16)
+    assert cache.k_pages.shape == (L, 40, ps, kvh, d) and cache.layer(1)[0].shape == (40, ps, kvh, d)
+    cache.k_pages.fill(np.nan)
+    cache.v_pages.fill(np.nan)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    for new in ([7, 1, 13], [1, 1, 1], [4, 9, 1]):
+        free = None
+        for layer in range(L):
+            k = rng.standard_normal((sum(new), kvh, d)).astype(ml_dtypes.bfloat16)
+            v = rng.standard_normal((sum(new), kvh, d)).astype(ml_dtypes.bfloat16)
+            cache.append(seqs, cp.asarray(k), cp.asarray(v), new, layer=layer)
+            if layer:
+                assert cache.pages.free_pages == free, "the second layer reserved pages again"
+            free = cache.pages.free_pages
+            q = make_q(rng, sum(new), heads, d, "bfloat16")
+            out = cache.attention(seqs, cp.asarray(q), new, layer=layer).get()
+            table, lens = (x.get() for x in cache.tables(seqs, layer))
+            kp, vp = (x.get() for x in cache.layer(layer))
+            check_close(out, None, q, kp, vp, table, lens, np.concatenate([[0], np.cumsum(new)]).astype(np.int32),
+                        "bfloat16")
+    assert [cache.length(s, None) for s in seqs] == [12, 11, 15]
+
+
+@pytest.mark.gpu
+def test_paged_batch_graph_two_layer_decode(cp, rng):
+    """A two-layer decode step (append + attention per layer) captured once from a PagedBatch and replayed
+    after batch.step() with new lengths gives the uncaptured run's outputs bit for bit (a twin cache with
+    the same page allocation runs the same batch calls eagerly), and both match the reference."""
+    L, heads, kvh, d, ps, B = 2, 8, 2, 128, 16, 3
+    prompt = [5, 17, 33]
+
+    def make_cache():
+        c = A.PagedKVCache(num_pages=64, page_size=ps, num_kv_heads=kvh, head_dim=d, dtype="float16", num_layers=L,
+                           max_pages_per_seq=8)
+        c.k_pages.fill(np.nan)
+        c.v_pages.fill(np.nan)
+        return c, [c.add_sequence() for _ in range(B)]
+
+    graph_cache, seqs = make_cache()
+    eager_cache, eager_seqs = make_cache()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        for layer in range(L):  # prefill through the eager API
+            k = rng.standard_normal((sum(prompt), kvh, d)).astype(np.float16)
+            v = rng.standard_normal((sum(prompt), kvh, d)).astype(np.float16)
+            for c, ss in ((graph_cache, seqs), (eager_cache, eager_seqs)):
+                c.append(ss, cp.asarray(k), cp.asarray(v), prompt, layer=layer)
+        gb = graph_cache.batch(seqs, num_heads=heads, max_kv_len=100)
+        eb = eager_cache.batch(eager_seqs, num_heads=heads, max_kv_len=100)
+        qb = [cp.empty((B, heads, d), cp.float16) for _ in range(L)]
+        kb = [cp.empty((B, kvh, d), cp.float16) for _ in range(L)]
+        vb = [cp.empty((B, kvh, d), cp.float16) for _ in range(L)]
+        go = [cp.empty((B, heads, d), cp.float16) for _ in range(L)]
+        eo = [cp.empty((B, heads, d), cp.float16) for _ in range(L)]
+
+        def step(batch, outs):
+            for layer in range(L):
+                batch.append(layer, kb[layer], vb[layer])
+                batch.attention(layer, qb[layer], out=outs[layer])
+
+        graph = None
+        for i in range(6):
+            lens = gb.step()
+            np.testing.assert_array_equal(eb.step(), lens)
+            np.testing.assert_array_equal(lens, np.array(prompt) + i + 1)
+            host = {}
+            for layer in range(L):
+                host[layer] = (make_q(rng, B, heads, d, "float16"), rng.standard_normal((B, kvh, d)).astype(np.float16),
+                               rng.standard_normal((B, kvh, d)).astype(np.float16))
+                for buf, x in zip((qb[layer], kb[layer], vb[layer]), host[layer]):
+                    buf.set(x, stream=stream)
+                go[layer].fill(np.nan)
+            if graph is None:
+                step(gb, go)  # compiles and loads the kernels outside the capture
+                # this step ran eagerly; capture it now (nothing executes during capture)
+                stream.begin_capture()
+                step(gb, go)
+                graph = stream.end_capture()
+                with pytest.raises(ValueError, match="outside graph capture"):
+                    stream.begin_capture()
+                    try:
+                        gb.step()
+                    finally:
+                        stream.end_capture()
+            else:
+                graph.launch(stream)
+            step(eb, eo)
+            stream.synchronize()
+            for layer in range(L):
+                np.testing.assert_array_equal(go[layer].get().view(np.uint16), eo[layer].get().view(np.uint16))
+                kp, vp = (x.get() for x in graph_cache.layer(layer))
+                q = host[layer][0]
+                check_close(go[layer].get(), None, q, kp, vp, gb.block_table.get(), lens, None, "float16")
+            np.testing.assert_array_equal(graph_cache.k_pages.get().view(np.uint16),
+                                          eager_cache.k_pages.get().view(np.uint16))
+    assert [graph_cache.length(s, None) for s in seqs] == [p + 6 for p in prompt]
 
 
 @pytest.mark.gpu

@@ -231,6 +231,100 @@ def test_dual_gemm(mods, rng, schedule, tokens, m, n, k, layout):
     TG._check(_f64(out), ref, "float16")
 
 
+# ----------------------------------------------------------------------------------------------
+# GEMM, Hopper wgmma variant (group_gemm_wgmma_kernel: wgmma.mma_async emulated from the PTX ISA)
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch, schedule="round_robin"):
+    """One group_gemm launch set up as the GPU path does; returns (outputs, references)."""
+    A_, B_, SA, SB = TG._group_inputs(rng, ms, ns, ks, "nvfp4" if tokens == "nvfp4" else "act", act_dtype=tokens)
+    alpha = list(rng.uniform(0.25, 2.0, size=len(ms)))
+    refs = reference.group_gemm(A_, B_, SA, SB, alpha=alpha)
+    outs = [_nan((m, n), odt) for m, n in zip(ms, ns)]
+    sa = None if SA is None else [_scales(s, layout) for s in SA]
+    prods, tok, _ = gemm.validate_group_gemm(A_, B_, sa, [_scales(s, layout) for s in SB], alpha=alpha, out=outs,
+                                             scale_layout=layout)
+    itemsize = np.dtype(outs[0].dtype).itemsize
+    table = gemm.build_table(prods, [(o.ctypes.data, o.strides[0] // itemsize, 0) for o in outs])
+    cfg = gemm.choose_config(tok, False, max(ms), arch)
+    assert cfg in GEMM_CONFIGS and cfg.arch == arch
+    _launch_gemm(gm, cfg, table, gemm.tile_count(ms, ns, cfg.block_m), None, layout == "blocked", odt, schedule)
+    return outs, refs
+
+
+@pytest.mark.parametrize(
+    "tokens,ms,ns,ks,layout,odt",
+    [
+        ("float16", [1, 33], [72, 136], [64, 192], "plain", "float16"),      # N 16 and 64, M = 1
+        ("bfloat16", [33, 1], [136, 72], [192, 64], "blocked", "float32"),   # bf16 wgmma
+        ("float16", [3, 17], [136, 72], [192, 64], "blocked", "bfloat16"),   # N 32
+        ("bfloat16", [70], [136], [320], "plain", "float16"),                # N 128, 5 k-stages: the ring wraps
+        ("nvfp4", [5, 33, 0], [200, 72, 64], [192, 64, 128], "plain", "float16"),  # W4A4, an empty group
+        ("nvfp4", [17], [136], [512], "blocked", "float32"),                 # W4A4, 8 k-stages
+    ],
+)
+def test_group_gemm_wgmma(mods, rng, schedule, tokens, ms, ns, ks, layout, odt):
+    outs, refs = _run_group_gemm(mods["gemm"], rng, tokens, ms, ns, ks, layout, odt, "hopper", schedule)
+    for o, r in zip(outs, refs):
+        TG._check(_f64(o), r, odt)
+
+
+@pytest.mark.parametrize("tokens,m,n,k,layout", [("float16", 33, 136, 192, "blocked"), ("nvfp4", 1, 72, 64, "plain")])
+def test_dual_gemm_wgmma(mods, rng, tokens, m, n, k, layout):
+    a = TG.rand_packed(rng, m, k) if tokens == "nvfp4" else TG.rand_acts(rng, m, k, "float16")
+    sfa = TG.rand_scales(rng, (m, k // 16)) if tokens == "nvfp4" else None
+    b1, b2 = TG.rand_packed(rng, n, k), TG.rand_packed(rng, n, k)
+    s1, s2 = TG.rand_scales(rng, (n, k // 16)), TG.rand_scales(rng, (n, k // 16))
+    ref = reference.dual_gemm(a, b1, b2, sfa, s1, s2, alpha1=0.5, alpha2=1.5)
+    out = _nan((m, n), "bfloat16")
+    prod, tok, odt = gemm.validate_dual_gemm(a, b1, b2, _scales(sfa, layout), _scales(s1, layout), _scales(s2, layout),
+                                             alpha1=0.5, alpha2=1.5, out=out, scale_layout=layout)
+    table = gemm.build_table([prod], [(out.ctypes.data, n, 0)])
+    cfg = gemm.choose_config(tok, True, m, "hopper")
+    assert cfg in GEMM_CONFIGS
+    _launch_gemm(mods["gemm"], cfg, table, gemm.tile_count([m], [n], cfg.block_m), None, layout == "blocked", odt)
+    TG._check(_f64(out), ref, "bfloat16")
+
+
+def test_group_gemm_ragged_wgmma(mods, rng):
+    rows, n, k = [3, 0, 17, 1], 136, 128
+    G = len(rows)
+    offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
+    total = int(offsets[-1])
+    a = TG.rand_acts(rng, total, k, "bfloat16")
+    b = rng.integers(0, 256, size=(G, n, k // 2), dtype=np.uint8)
+    sfb = TG.rand_scales(rng, (G, n, k // 16))
+    ref = reference.group_gemm_ragged(a, b, None, sfb, offsets, alpha=1.25)
+    out = _nan((total, n), "float16")
+    rg, tok, odt = gemm.validate_group_gemm_ragged(a, b, None, sfb, offsets, alpha=1.25, out=out)
+    table = gemm.build_ragged_table(rg, out.ctypes.data, n)
+    cfg = gemm.choose_config(tok, False, -(-total // G), "hopper")
+    _launch_gemm(mods["gemm"], cfg, table, gemm.ragged_tile_bound(total, G, n, cfg.block_m), offsets, False, odt)
+    TG._check(_f64(out), ref, "float16")
+
+
+def test_wgmma_selection_is_opt_in(monkeypatch):
+    """The wgmma kernel runs only with CUFLASH_GEMM_WGMMA=1 on a compute capability 9.0 device."""
+    from cuflash import _jit
+
+    for cc, env, want in [((9, 0), "1", "hopper"), ((9, 0), None, "portable"), ((9, 0), "0", "portable"),
+                          ((8, 9), "1", "portable"), ((10, 0), "1", "portable")]:
+        monkeypatch.setattr(_jit, "device_cc", lambda device_id, cc=cc: cc)
+        if env is None:
+            monkeypatch.delenv(gemm.WGMMA_ENV, raising=False)
+        else:
+            monkeypatch.setenv(gemm.WGMMA_ENV, env)
+        assert gemm.launch_arch(0) == want, (cc, env)
+    hopper = [c for c in GEMM_CONFIGS if c.arch == "hopper"]
+    assert hopper and all(c.family == _jit.ARCH_HOPPER and c.threads == 256 for c in hopper)
+    for tok in ("nvfp4", "float16", "bfloat16"):
+        for rows in (0, 1, 16, 17, 33, 64, 65, 10000):
+            assert gemm.choose_config(tok, False, rows, "hopper") in hopper
+            assert gemm.choose_config(tok, False, rows).arch == "portable"
+        assert gemm.choose_config(tok, True, 256, "hopper") in hopper
+
+
 _RAGGED_40 = [0] * 40
 _RAGGED_40[2], _RAGGED_40[33], _RAGGED_40[39] = 2, 5, 1  # 40 problems: the tile prefix scan needs two passes
 
@@ -386,13 +480,15 @@ def test_emulator_reports_shared_memory_overflow(mods, rng):
                             smem=cfg.smem_bytes(1) - 8)
 
 
-def test_inline_ptx_only_in_mma_cuh():
-    """The emulator replaces exactly one file: any inline PTX elsewhere would run unemulated."""
+def test_inline_ptx_only_in_overlaid_headers():
+    """The emulator replaces exactly the files of cuda_emu.OVERLAYS: inline PTX anywhere else would run
+    unemulated."""
     import re
 
     from cuflash import _jit
 
     root = _jit.source_dir()
     offenders = [str(p.relative_to(root)) for p in sorted(root.rglob("*.cu*"))
-                 if p.relative_to(root).as_posix() != "common/mma.cuh" and re.search(r"\basm\b", p.read_text())]
+                 if p.relative_to(root).as_posix() not in cuda_emu.OVERLAYS and re.search(r"\basm\b", p.read_text())]
     assert offenders == []
+    assert all((root / rel).is_file() for rel in cuda_emu.OVERLAYS)

@@ -582,3 +582,64 @@ def test_plan_runs_and_replays_in_a_cuda_graph(cp, rng):
         stream.synchronize()
     for o, r in zip(outs, reference.group_gemm(A2, B, None, SB, alpha=2.0)):
         _check(_to_np(cp, o), r, "float16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hopper wgmma variant (opt-in: CUFLASH_GEMM_WGMMA=1 on a compute capability 9.0 device)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wgmma(cp, monkeypatch):
+    """Selects the wgmma kernel for the calls of the test; skips where the device is not sm_90."""
+    from cuflash import _jit
+
+    if _jit.device_cc(cp.cuda.Device().id) != (9, 0):
+        pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU")
+    monkeypatch.setenv(gemm.WGMMA_ENV, "1")
+    assert gemm.launch_arch(cp.cuda.Device().id) == "hopper"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", ["float16", "bfloat16", "nvfp4"])
+@pytest.mark.parametrize("layout", ["plain", "blocked"])
+def test_group_gemm_wgmma(cp, rng, wgmma, tokens, layout):
+    # token tiles 16 / 32 / 64 / 128 (the wgmma N) and a multi-tile M; N % 128 != 0; long K
+    ms = [0, 1, 17, 33, 128, 300]
+    ns = [200, 72, 136, 1000, 129, 256]
+    ks = [64, 192, 64, 512, 256, 1024]
+    A, B, SA, SB = _group_inputs(rng, ms, ns, ks, "nvfp4" if tokens == "nvfp4" else "act", act_dtype=tokens)
+    alpha = list(rng.uniform(0.25, 2.0, size=len(ms)))
+    refs = reference.group_gemm(A, B, SA, SB, alpha=alpha)
+    conv = (lambda s: cp.asarray(nvfp4.to_blocked(s))) if layout == "blocked" else cp.asarray
+    sa = None if SA is None else [conv(s) for s in SA]
+    for out_dtype in ("float16", "float32"):
+        outs = [_poisoned(cp, (m, n), out_dtype) for m, n in zip(ms, ns)]
+        gemm.group_gemm([cp.asarray(x) for x in A], [cp.asarray(x) for x in B], sa, [conv(s) for s in SB],
+                        alpha=alpha, out=outs, scale_layout=layout)
+        for o, r in zip(outs, refs):
+            _check(_to_np(cp, o), r, out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", ["nvfp4", "float16"])
+def test_ragged_and_dual_gemm_wgmma(cp, rng, wgmma, tokens):
+    rows, n, k = [0, 5, 0, 16, 1, 0, 37, 3], 200, 256
+    G = len(rows)
+    offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
+    total = int(offsets[-1])
+    a = rand_packed(rng, total, k) if tokens == "nvfp4" else rand_acts(rng, total, k, "float16")
+    sfa = rand_scales(rng, (total, k // 16)) if tokens == "nvfp4" else None
+    b = rng.integers(0, 256, size=(G, n, k // 2), dtype=np.uint8)
+    sfb = rand_scales(rng, (G, n, k // 16))
+    ref = reference.group_gemm_ragged(a, b, sfa, sfb, offsets, alpha=0.75)
+    out = _poisoned(cp, (total, n), "float16")
+    gemm.group_gemm_ragged(cp.asarray(a), cp.asarray(b), None if sfa is None else cp.asarray(sfa), cp.asarray(sfb),
+                           cp.asarray(offsets), alpha=0.75, out=out)
+    _check(_to_np(cp, out), ref, "float16")
+    b1, b2 = rand_packed(rng, n, k), rand_packed(rng, n, k)
+    s1, s2 = rand_scales(rng, (n, k // 16)), rand_scales(rng, (n, k // 16))
+    ref = reference.dual_gemm(a, b1, b2, sfa, s1, s2, alpha1=0.5, alpha2=1.5)
+    got = gemm.dual_gemm(cp.asarray(a), cp.asarray(b1), cp.asarray(b2), None if sfa is None else cp.asarray(sfa),
+                         cp.asarray(s1), cp.asarray(s2), alpha1=0.5, alpha2=1.5, out_dtype="bfloat16")
+    _check(_to_np(cp, got), ref, "bfloat16")

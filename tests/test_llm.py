@@ -276,16 +276,33 @@ class CuflashArgsCheckingOps(O.NumpyOps):
         self.calls["group_gemm_ragged"] += 1
         super().experts(x, w, offsets, out)
 
-    def attention(self, layer, q, meta, out):
+    def new_kv_cache(self, *args):
+        cache = super().new_kv_cache(*args)
+        cache.batch_class = CheckedBatch
+        cache.calls = self.calls
+        return cache
+
+
+class CheckedBatch(O.NumpyBatch):
+    """A numpy batch that first passes each append and attention, as cuflash's PagedBatch makes them, through
+    cuflash's own host-side argument checks."""
+
+    def append(self, layer, k, v):
+        kp, vp = self.cache.layer(layer)
+        cuflash.attention._check_append_args(k, v, kp, vp, self.block_table, self.kv_lens, self.q_indptr)
+        self.cache.calls["append"] += 1
+        super().append(layer, k, v)
+
+    def attention(self, layer, q, *, out):
         # AttentionPlan.run's own checks (the plan itself needs a GPU; its fields are stood in for here)
-        plan = types.SimpleNamespace(dtype="float16", total_q=q.shape[0], num_heads=self.spec.heads,
-                                     head_dim=self.spec.head_dim, page_size=self.page_size,
-                                     num_kv_heads=self.spec.kv_heads, batch=len(meta.q_lens),
-                                     max_kv_len=int(meta.kv_lens.max()))
-        cuflash.attention.AttentionPlan._check_run_args(plan, q, self.k_pages[layer], self.v_pages[layer],
-                                                        meta.block_table, meta.kv_lens, out, None)
-        self.calls["attention"] += 1
-        super().attention(layer, q, meta, out)
+        plan = types.SimpleNamespace(dtype="float16", total_q=q.shape[0], num_heads=q.shape[1],
+                                     head_dim=self.cache.k_pages.shape[-1], page_size=self.cache.page_size,
+                                     num_kv_heads=self.cache.k_pages.shape[-2], batch=self.batch,
+                                     max_kv_len=int(self.kv_lens.max()))
+        kp, vp = self.cache.layer(layer)
+        cuflash.attention.AttentionPlan._check_run_args(plan, q, kp, vp, self.block_table, self.kv_lens, out, None)
+        self.cache.calls["attention"] += 1
+        return super().attention(layer, q, out=out)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -295,8 +312,8 @@ def test_kernel_calls_pass_cuflash_validation_without_copies(rng, arch):
     runner = M.Runner(ops, max_batch=4, max_seq_len=96, page_size=16, max_tokens=64)
     prompts = _prompts(w.spec.vocab, rng)
     runner.generate(prompts, 6, prefill_chunk=7, use_graph=True)
-    want = {"llama": {"group_gemm", "dual_gemm", "attention"},
-            "mixtral": {"group_gemm", "group_gemm_ragged", "attention"}}
+    want = {"llama": {"group_gemm", "dual_gemm", "append", "attention"},
+            "mixtral": {"group_gemm", "group_gemm_ragged", "append", "attention"}}
     assert set(ops.calls) == want[arch]
 
 

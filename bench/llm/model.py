@@ -9,9 +9,12 @@ Layouts (T tokens of a forward, rows ragged by sequence in batch order; H hidden
 - MoE: ``R = T * top_k`` (token, slot) rows regrouped by expert (``expert_layout``) for the ragged GEMM.
 
 Generation: prompts of different lengths are prefilled (in one forward, or in chunks of ``prefill_chunk``
-tokens per sequence), then every sequence decodes one token per step. Host work per forward is the page
-bookkeeping (a cuflash KVPageTable shared by every layer) and small uploads; a decode step's device work
-reads only fixed buffers, so ``use_graph`` captures it once and replays it.
+tokens per sequence), then every sequence decodes one token per step. The KV lives in the backend's
+cache (a ``cuflash.PagedKVCache`` of every layer on the GPU); each forward runs over a batch of it
+(``cache.batch``): ``batch.step()`` is the host work of a forward (the page bookkeeping, once for all
+layers, and the table uploads into the batch's fixed buffers), and every layer appends and attends through
+the batch. A decode step's device work reads only fixed buffers, so ``use_graph`` captures it once and
+replays it after each ``batch.step()``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
-from cuflash.attention import KVPageTable
 
 BF16_SHIFT = 16  # a bf16 is the top half of the float32 with the same value
 
@@ -157,14 +158,17 @@ class Runner:
         self.table_width = -(-int(max_seq_len) // self.page_size)
         self.max_seq_len = int(max_seq_len)
         num_pages = int(max_batch) * self.table_width
-        self.pages = KVPageTable(num_pages, self.page_size, self.table_width)
-        self.kv_nbytes = ops.allocate_kv(self.spec.layers, num_pages, self.page_size)
+        self.cache = ops.new_kv_cache(self.spec.layers, num_pages, self.page_size, self.table_width)
+        self.pages = self.cache.pages  # the host bookkeeping (cuflash.attention.KVPageTable), shared by all layers
+        self.kv_nbytes = self.cache.nbytes
         self.ws = Workspace(self.xp, max(int(max_tokens), int(max_batch)))
         cos, sin = rope_tables(self.w.rope_inv_freq, self.w.rope_scale, self.max_seq_len)
         self.cos, self.sin = self._device(cos), self._device(sin)
         self.norms = [(self._device(lw.attn_norm), self._device(lw.mlp_norm)) for lw in self.w.layers]
         self.final_norm = self._device(self.w.final_norm)
         self.routers = [None if lw.router is None else self._device(lw.router) for lw in self.w.layers]
+        # expert offsets live at one address: the ragged GEMM's plan reads them from there at every run
+        self.moe_offsets = self._device(np.zeros(self.spec.experts + 1, np.int32)) if self.spec.experts else None
 
     def _device(self, host):
         with self.ops.scope():
@@ -185,9 +189,10 @@ class Runner:
 
     # -- one forward ---------------------------------------------------------------------------
 
-    def forward(self, tokens, positions, last_rows, meta):
+    def forward(self, tokens, positions, last_rows, batch):
         """Logits [B, V] (state dtype) of rows ``last_rows`` after running tokens [T] at positions [T]
-        (device int32 arrays) through every layer, appending their K/V to the cache."""
+        (device int32 arrays) through every layer, appending their K/V to the cache through ``batch``
+        (a cache batch whose step() already counted these tokens)."""
         xp, ws, spec = self.xp, self.ws, self.spec
         T = tokens.shape[0]
         h = ws.get("h", T, (spec.hidden,), self.ops.state_dtype)
@@ -196,7 +201,7 @@ class Runner:
         for layer in range(spec.layers):
             attn_norm, mlp_norm = self.norms[layer]
             xs, x = self._norm(h, attn_norm)
-            h += self._attention(layer, x, cos, sin, meta)
+            h += self._attention(layer, x, cos, sin, batch)
             xs, x = self._norm(h, mlp_norm)
             h += self._moe(layer, xs, x) if spec.experts else self._mlp(layer, x)
         B = last_rows.shape[0]
@@ -215,7 +220,7 @@ class Runner:
         x[...] = xs
         return xs, x
 
-    def _attention(self, layer, x, cos, sin, meta):
+    def _attention(self, layer, x, cos, sin, batch):
         ws, spec, ops, lw = self.ws, self.spec, self.ops, self.w.layers[layer]
         T, D, nq, nk = x.shape[0], spec.head_dim, spec.q_dim, spec.kv_dim
         qkv = ws.get("qkv", T, (nq + 2 * nk,), ops.state_dtype)
@@ -225,9 +230,9 @@ class Runner:
                        ws.get("k", T, (spec.kv_heads, D), ops.act_dtype))
         v = ws.get("v", T, (spec.kv_heads, D), ops.act_dtype)
         v[...] = qkv[:, nq + nk:].reshape(T, spec.kv_heads, D)
-        ops.append_kv(layer, k, v, meta)
+        batch.append(layer, k, v)
         o = ws.get("attn", T, (spec.heads, D), ops.act_dtype)
-        ops.attention(layer, q, meta, o)
+        batch.attention(layer, q, out=o)
         y = ws.get("o_proj", T, (spec.hidden,), ops.state_dtype)
         ops.linear(o.reshape(T, nq), lw.o, y)
         return y
@@ -247,6 +252,8 @@ class Runner:
         T, k, I = x.shape[0], spec.top_k, spec.intermediate
         experts, weights = top_k_route(xp, xs @ self.routers[layer].T, k)
         offsets, dest = expert_layout(xp, experts, spec.experts)
+        self.moe_offsets[...] = offsets
+        offsets = self.moe_offsets
         R = T * k
         xe = ws.get("moe_x", R, (spec.hidden,), ops.act_dtype, factor=k)
         xe[dest] = x[xp.arange(R) // k]
@@ -263,13 +270,6 @@ class Runner:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def _reserve(self, seq_ids, q_lens, meta):
-        """Grow each sequence by q_lens tokens in the page table; upload its tables into meta.
-        Returns the lengths after (host int64)."""
-        lens = self.pages.reserve(seq_ids, q_lens)
-        self.ops.update_batch(meta, self.pages.block_table(seq_ids, self.table_width), lens.astype(np.int32))
-        return lens
-
     def _prefill(self, seq_ids, prompts, chunk: int | None):
         """First-token logits [B, V] (host float32) of every prompt, prefilled in rounds of at most
         ``chunk`` tokens per sequence (None: the whole prompt at once)."""
@@ -282,13 +282,12 @@ class Runner:
                 break
             q_lens = np.array([len(prompts[b]) - done[b] if chunk is None else min(chunk, len(prompts[b]) - done[b])
                                for b in active], dtype=np.int64)
-            after = np.array([done[b] for b in active]) + q_lens
-            meta = self.ops.new_batch(q_lens, after, self.table_width)
-            self._reserve([seq_ids[b] for b in active], q_lens, meta)
+            batch = self.cache.batch([seq_ids[b] for b in active], q_lens, num_heads=self.spec.heads)
+            batch.step()  # counts the chunk in every layer and uploads the tables (current stream)
             toks = np.concatenate([prompts[b][done[b]:done[b] + n] for b, n in zip(active, q_lens)])
             pos = np.concatenate([np.arange(done[b], done[b] + n) for b, n in zip(active, q_lens)])
             last = np.cumsum(q_lens) - 1
-            logits = self.forward(self._upload("tok", toks), self._upload("pos", pos), self._upload("last", last), meta)
+            logits = self.forward(self._upload("tok", toks), self._upload("pos", pos), self._upload("last", last), batch)
             host = np.array(self._host(logits), dtype=np.float32)  # a copy: the buffer is reused next round
             for i, b in enumerate(active):
                 done[b] += q_lens[i]
@@ -303,13 +302,13 @@ class Runner:
         """First-token logits [B, V] (host float32) of each prompt; the sequences are freed afterwards
         (what the benchmark times as prefill)."""
         prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
-        seq_ids = [self.pages.add_sequence() for _ in prompts]
+        seq_ids = [self.cache.add_sequence() for _ in prompts]
         try:
             with self.ops.scope():
                 return self._prefill(seq_ids, prompts, prefill_chunk)
         finally:
             for s in seq_ids:
-                self.pages.free_sequence(s)
+                self.cache.free_sequence(s)
 
     def generate(self, prompts, max_new_tokens: int, *, prefill_chunk: int | None = None, use_graph: bool = False,
                  keep_logits: bool = True, step_times: list | None = None) -> Generation:
@@ -325,7 +324,7 @@ class Runner:
         longest = max(len(p) for p in prompts) + max_new_tokens - 1
         if longest > self.max_seq_len:
             raise ValueError(f"prompts: {longest} positions needed, the runner holds {self.max_seq_len} (max_seq_len)")
-        seq_ids = [self.pages.add_sequence() for _ in range(B)]
+        seq_ids = [self.cache.add_sequence() for _ in range(B)]
         tokens = np.zeros((B, max_new_tokens), dtype=np.int64)
         kept = np.zeros((B, max_new_tokens, self.spec.vocab), np.float32) if keep_logits else None
         try:
@@ -337,7 +336,7 @@ class Runner:
                 self._decode(seq_ids, prompts, tokens, kept, use_graph, step_times)
         finally:
             for s in seq_ids:
-                self.pages.free_sequence(s)
+                self.cache.free_sequence(s)
         return Generation(tokens, kept)
 
     def _decode(self, seq_ids, prompts, tokens, kept, use_graph: bool, step_times):
@@ -345,21 +344,22 @@ class Runner:
         xp, B, n = self.xp, len(seq_ids), tokens.shape[1]
         if n < 2:
             return
-        final_lens = np.array([len(p) + n - 1 for p in prompts])
-        meta = self.ops.new_batch(np.ones(B, np.int64), final_lens, self.table_width)
+        final_len = max(len(p) for p in prompts) + n - 1
+        # one batch for every step: a decode plan sized for the final lengths, fixed device buffers
+        batch = self.cache.batch(seq_ids, None, num_heads=self.spec.heads, max_kv_len=final_len)
         last = self._upload("dec_last", np.arange(B))
         tok_buf = self.ws.get("dec_tok", B, (), np.int32)
         pos_buf = self.ws.get("dec_pos", B, (), np.int32)
         next_buf = self.ws.get("dec_next", B, (), np.int32)
 
         def step():
-            logits = self.forward(tok_buf, pos_buf, last, meta)
+            logits = self.forward(tok_buf, pos_buf, last, batch)
             next_buf[...] = xp.argmax(logits, axis=1)
 
         replay = None
         for i in range(1, n):
             t0 = time.perf_counter()
-            lens = self._reserve(seq_ids, np.ones(B, np.int64), meta)
+            lens = batch.step()  # host bookkeeping + table uploads, outside the graph
             self._set(tok_buf, tokens[:, i - 1])
             self._set(pos_buf, lens - 1)
             timed = True

@@ -10,13 +10,16 @@ Interface (x, out: backend arrays; w: a convert.QuantWeight whose arrays live on
     linear_multi(x, [w_i], [out_i])                         several weights on one input (q, k, v)
     gated_mlp(x [T, H], gate [I, H], up [I, H], out [T, I]) out = silu(x @ Wg^T) * (x @ Wu^T)
     experts(x [R, K], w [E, N, K], offsets [E + 1], out [R, N])  rows offsets[e]:offsets[e+1] times expert e
-    allocate_kv(layers, num_pages, page_size)               page pools [num_pages, page_size, kv_heads, D]
-    new_batch(q_lens, plan_kv_lens, table_width) -> meta    per-forward metadata (AttentionPlan on the GPU)
-    update_batch(meta, block_table, kv_lens)                host tables -> the meta's buffers
-    append_kv(layer, k [T, kvh, D], v, meta)                new tokens' K/V into their pages
-    attention(layer, q [T, heads, D], meta, out)            causal paged attention over the cache
+    new_kv_cache(layers, num_pages, page_size, max_pages_per_seq) -> cache
     capture(fn) -> replay                                   run fn once now; replay() repeats it (CUDA graph)
     scope()                                                 context the generation loop runs in (the stream)
+
+The cache is a ``cuflash.PagedKVCache`` (CuflashOps) or a ``NumpyKVCache`` with the same interface
+(``pages``: the cuflash.attention.KVPageTable shared by all layers; ``add_sequence``, ``free_sequence``,
+``nbytes``, ``batch(seq_ids, q_lens, num_heads=, max_kv_len=)``). Its batches are
+``cuflash.attention.BatchState`` subclasses (cuflash's ``PagedBatch`` on the GPU): ``step()`` counts a
+forward's tokens in every layer once and refreshes the batch's tables; ``append(layer, k, v)`` and
+``attention(layer, q, out=)`` read only the batch's fixed buffers.
 
 Two backends: ``CuflashOps`` (CuPy + cuflash kernels; fp16 activations and KV, fp32 residual and GEMM
 outputs) and ``NumpyOps`` (cuflash.reference in float64 with the weights dequantized once; with
@@ -27,8 +30,6 @@ is what the GPU path should show when its kernels are right).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -36,21 +37,6 @@ from cuflash import attention as attn
 from cuflash import reference
 
 PRECISIONS = ("exact", "gpu")
-
-
-@dataclass
-class BatchMeta:
-    """The per-forward attention metadata: sequence b has q_lens[b] new tokens (rows ragged in order).
-
-    block_table int32 [B, table_width] and kv_lens int32 [B] (lengths after this forward's append) live
-    on the backend's device and are rewritten by update_batch; append_indptr int32 [B + 1] is constant.
-    """
-
-    q_lens: np.ndarray  # host int64 [B]
-    block_table: Any
-    kv_lens: Any
-    append_indptr: Any
-    plan: Any = None  # cuflash AttentionPlan (CuflashOps)
 
 
 def _silu(x):
@@ -118,33 +104,9 @@ class NumpyOps:
             lo, hi = int(offsets[e]), int(offsets[e + 1])
             out[lo:hi] = (x[lo:hi].astype(np.float64) @ qs[e].T) * inv[e]
 
-    def allocate_kv(self, layers: int, num_pages: int, page_size: int):
-        shape = (layers, num_pages, page_size, self.spec.kv_heads, self.spec.head_dim)
-        self.k_pages = np.full(shape, np.nan, dtype=self.act_dtype)
-        self.v_pages = np.full(shape, np.nan, dtype=self.act_dtype)
-        self.page_size = page_size
-        return int(self.k_pages.nbytes + self.v_pages.nbytes)
-
-    def new_batch(self, q_lens, plan_kv_lens, table_width: int) -> BatchMeta:
-        q_lens = np.asarray(q_lens, dtype=np.int64)
-        indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-        return BatchMeta(q_lens, np.full((len(q_lens), table_width), -1, np.int32), np.zeros(len(q_lens), np.int32),
-                         indptr)
-
-    def update_batch(self, meta: BatchMeta, block_table, kv_lens):
-        meta.block_table[...] = block_table
-        meta.kv_lens[...] = kv_lens
-
-    def append_kv(self, layer: int, k, v, meta: BatchMeta):
-        slots = attn.slot_positions(meta.kv_lens, meta.q_lens, meta.block_table, self.page_size)
-        flat = (-1, self.spec.kv_heads, self.spec.head_dim)
-        self.k_pages[layer].reshape(flat)[slots] = k
-        self.v_pages[layer].reshape(flat)[slots] = v
-
-    def attention(self, layer: int, q, meta: BatchMeta, out):
-        o, _ = reference.paged_attention(q, self.k_pages[layer], self.v_pages[layer], meta.block_table, meta.kv_lens,
-                                         q_indptr=meta.append_indptr)
-        out[...] = o
+    def new_kv_cache(self, layers: int, num_pages: int, page_size: int, max_pages_per_seq: int):
+        return NumpyKVCache(layers, num_pages, page_size, self.spec.kv_heads, self.spec.head_dim, self.act_dtype,
+                            max_pages_per_seq)
 
     def capture(self, fn):
         fn()
@@ -152,6 +114,64 @@ class NumpyOps:
 
     def scope(self):
         return contextlib.nullcontext()
+
+
+class NumpyBatch(attn.BatchState):
+    """A batch on numpy pools: cuflash's host bookkeeping (BatchState) with the host arrays themselves as
+    the kernels' buffers (rewritten in place by step(), like PagedBatch's device buffers)."""
+
+    def __init__(self, cache, seq_ids, q_lens=None):
+        super().__init__(cache.pages, seq_ids, q_lens)
+        self.cache = cache
+        self.block_table, self.kv_lens, self.q_indptr = self.block_table_host, self.kv_lens_host, self.q_indptr_host
+
+    def append(self, layer: int, k, v) -> None:
+        kp, vp = self.cache.layer(layer)
+        if k.shape != (self.total_q,) + kp.shape[2:]:
+            raise ValueError(f"k: expected shape {(self.total_q,) + kp.shape[2:]}, got {k.shape}")
+        slots = attn.slot_positions(self.kv_lens, self.q_lens, self.block_table, self.cache.page_size)
+        flat = (-1,) + kp.shape[2:]
+        kp.reshape(flat)[slots] = k
+        vp.reshape(flat)[slots] = v
+
+    def attention(self, layer: int, q, *, out):
+        kp, vp = self.cache.layer(layer)
+        o, _ = reference.paged_attention(q, kp, vp, self.block_table, self.kv_lens, q_indptr=self.q_indptr)
+        out[...] = o
+        return out
+
+
+class NumpyKVCache:
+    """cuflash.PagedKVCache's interface on numpy pools [layers, num_pages, page_size, kv_heads, D], NaN-filled
+    (a slot read before it was written poisons the logits); bookkeeping by cuflash's KVPageTable."""
+
+    def __init__(self, num_layers, num_pages, page_size, kv_heads, head_dim, dtype, max_pages_per_seq=None):
+        self.pages = attn.KVPageTable(num_pages, page_size, max_pages_per_seq, num_layers=num_layers)
+        shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
+        self.k_pages = np.full(shape, np.nan, dtype=dtype)
+        self.v_pages = np.full(shape, np.nan, dtype=dtype)
+        self.batch_class = NumpyBatch
+
+    @property
+    def page_size(self) -> int:
+        return self.pages.page_size
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k_pages.nbytes + self.v_pages.nbytes)
+
+    def layer(self, i: int):
+        i = self.pages._layer(i)
+        return self.k_pages[i], self.v_pages[i]
+
+    def add_sequence(self, seq_id=None) -> int:
+        return self.pages.add_sequence(seq_id)
+
+    def free_sequence(self, seq_id) -> None:
+        self.pages.free_sequence(seq_id)
+
+    def batch(self, seq_ids, q_lens=None, *, num_heads: int, max_kv_len=None):
+        return self.batch_class(self, seq_ids, q_lens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,15 +183,23 @@ class CapturedStep:
     """A CUDA graph of one decode step, with everything its replays read kept alive.
 
     ``pool``: the private memory pool the capture allocated from (temporaries freed during capture must
-    never be handed to anyone else); ``tables``: cuflash's cached GEMM problem tables the graph points at
-    (the cache is an LRU of 256 entries: without a reference an evicted table would be freed under the graph).
+    never be handed to anyone else); ``plans``: the cuflash GemmPlans the graph launches (each holds its
+    device problem table, which the graph points at).
     """
 
-    def __init__(self, graph, stream, pool, tables):
-        self.graph, self.stream, self.pool, self.tables = graph, stream, pool, tables
+    def __init__(self, graph, stream, pool, plans):
+        self.graph, self.stream, self.pool, self.plans = graph, stream, pool, plans
 
     def __call__(self):
         self.graph.launch(stream=self.stream)
+
+
+PLAN_CACHE_LIMIT = 4096  # GEMM plans kept per backend (one per distinct shape/address set: prefill lengths vary)
+
+
+def _akey(a):
+    """What a GEMM plan depends on of a CuPy array: address, shape, strides, dtype."""
+    return (a.data.ptr, a.shape, a.strides, a.dtype.str)
 
 
 class CuflashOps:
@@ -179,6 +207,8 @@ class CuflashOps:
     for gate/up, the ragged group GEMM for experts, paged KV append and attention on fp16 pools.
 
     Everything runs on ``self.stream`` (a non-blocking stream, so decode steps can be captured).
+    GEMMs run through cuflash GemmPlans this backend makes once per distinct call (same arrays, same
+    addresses: the runner's workspace keeps them fixed) and keeps; a captured step holds the plans it launches.
     ``nan_fill_kv`` fills the pools with NaN first (tests: an unwritten slot that is read poisons the logits).
     """
 
@@ -198,6 +228,8 @@ class CuflashOps:
             self.device.synchronize()
         self.spec = weights.spec
         self.nan_fill_kv = nan_fill_kv
+        self._plans = {}
+        self._capturing = None  # the list of plans a capture in progress launches
 
     def scope(self):
         stack = contextlib.ExitStack()
@@ -205,80 +237,72 @@ class CuflashOps:
         stack.enter_context(self.stream)
         return stack
 
+    def _run(self, key, make):
+        """Launch the plan of a GEMM call on self.stream, making it first if this call is new."""
+        plan = self._plans.get(key)
+        if plan is None:
+            if self._capturing is not None:  # making a plan uploads its table: not inside a capture
+                raise RuntimeError(f"GEMM {key[0]}: no plan was made before the capture "
+                                   "(the warm-up run must make every plan the step launches)")
+            if len(self._plans) >= PLAN_CACHE_LIMIT:
+                self._plans.clear()  # captured steps keep their own references
+            plan = self._plans[key] = make()
+        if self._capturing is not None:
+            self._capturing.append(plan)
+        plan.run(self.stream)
+
     def linear(self, x, w, out):
         import cuflash
 
-        cuflash.group_gemm([x], [w.data], None, [w.scales], alpha=w.alpha, out=[out])
+        self._run(("linear", _akey(x), id(w), _akey(out)),
+                  lambda: cuflash.plan_group_gemm([x], [w.data], None, [w.scales], alpha=w.alpha, out=[out]))
 
     def linear_multi(self, x, ws, outs):
         import cuflash
 
         # one launch for all products: the persistent grid walks the tiles of every weight
-        cuflash.group_gemm([x] * len(ws), [w.data for w in ws], None, [w.scales for w in ws],
-                           alpha=[w.alpha for w in ws], out=list(outs))
+        self._run(("linear_multi", _akey(x), tuple(id(w) for w in ws), tuple(_akey(o) for o in outs)),
+                  lambda: cuflash.plan_group_gemm([x] * len(ws), [w.data for w in ws], None, [w.scales for w in ws],
+                                                  alpha=[w.alpha for w in ws], out=list(outs)))
 
     def gated_mlp(self, x, gate, up, out):
         import cuflash
 
-        cuflash.dual_gemm(x, gate.data, up.data, None, gate.scales, up.scales, alpha1=gate.alpha, alpha2=up.alpha,
-                          out=out)
+        self._run(("gated_mlp", _akey(x), id(gate), id(up), _akey(out)),
+                  lambda: cuflash.plan_dual_gemm(x, gate.data, up.data, None, gate.scales, up.scales, alpha1=gate.alpha,
+                                                 alpha2=up.alpha, out=out))
 
     def experts(self, x, w, offsets, out):
         import cuflash
 
-        cuflash.group_gemm_ragged(x, w.data, None, w.scales, offsets, alpha=w.alpha, out=out)
+        # the plan reads offsets by address at every run: the runner passes a fixed buffer
+        self._run(("experts", _akey(x), id(w), _akey(offsets), _akey(out)),
+                  lambda: cuflash.plan_group_gemm_ragged(x, w.data, None, w.scales, offsets, alpha=w.alpha, out=out))
 
-    def allocate_kv(self, layers: int, num_pages: int, page_size: int):
-        cp = self.xp
-        shape = (layers, num_pages, page_size, self.spec.kv_heads, self.spec.head_dim)
+    def new_kv_cache(self, layers: int, num_pages: int, page_size: int, max_pages_per_seq: int):
         with self.scope():
-            fill = cp.full if self.nan_fill_kv else (lambda s, _v, dtype: cp.empty(s, dtype=dtype))
-            self.k_pages = fill(shape, np.nan, dtype=self.act_dtype)
-            self.v_pages = fill(shape, np.nan, dtype=self.act_dtype)
-        self.page_size = page_size
-        return int(self.k_pages.nbytes + self.v_pages.nbytes)
-
-    def new_batch(self, q_lens, plan_kv_lens, table_width: int) -> BatchMeta:
-        """Device buffers and an AttentionPlan sized for kv lengths up to plan_kv_lens (all ones in q_lens:
-        a decode plan, reusable while the lengths grow, as CUDA-graph replays need)."""
-        cp = self.xp
-        q_lens = np.asarray(q_lens, dtype=np.int64)
-        indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-        decode = bool(np.all(q_lens == 1))
-        with self.scope():  # every buffer written in stream order with the kernels that read it
-            meta = BatchMeta(q_lens, cp.full((len(q_lens), table_width), -1, dtype=cp.int32),
-                             cp.zeros(len(q_lens), dtype=cp.int32), cp.asarray(indptr))
-            meta.plan = attn.AttentionPlan(
-                None if decode else indptr, np.asarray(plan_kv_lens, dtype=np.int64), num_heads=self.spec.heads,
-                num_kv_heads=self.spec.kv_heads, head_dim=self.spec.head_dim, page_size=self.page_size,
-                dtype=self.act_dtype.name, max_pages_per_seq=table_width,
-            )
-        return meta
-
-    def update_batch(self, meta: BatchMeta, block_table, kv_lens):
-        meta.block_table.set(np.ascontiguousarray(block_table, dtype=np.int32), stream=self.stream)
-        meta.kv_lens.set(np.ascontiguousarray(kv_lens, dtype=np.int32), stream=self.stream)
-
-    def append_kv(self, layer: int, k, v, meta: BatchMeta):
-        # check=False: the runner's KVPageTable already checked the lengths (no host sync, capturable)
-        attn.append_paged_kv(k, v, self.k_pages[layer], self.v_pages[layer], meta.block_table, meta.kv_lens,
-                             append_indptr=meta.append_indptr, check=False)
-
-    def attention(self, layer: int, q, meta: BatchMeta, out):
-        meta.plan.run(q, self.k_pages[layer], self.v_pages[layer], meta.block_table, meta.kv_lens, out=out)
+            cache = attn.PagedKVCache(num_pages, page_size, self.spec.kv_heads, self.spec.head_dim, self.act_dtype.name,
+                                      num_layers=layers, max_pages_per_seq=max_pages_per_seq, device=self.device.id)
+            if self.nan_fill_kv:
+                cache.k_pages.fill(np.nan)
+                cache.v_pages.fill(np.nan)
+        return cache
 
     def capture(self, fn):
-        """Run fn() (this step's real work; it also fills cuflash's GEMM table and kernel caches), then
-        capture fn() into a CUDA graph from a private memory pool and return its replay."""
-        from cuflash import gemm
-
+        """Run fn() (this step's real work; it also compiles the kernels and makes every GEMM plan the step
+        uses), then capture fn() into a CUDA graph from a private memory pool and return its replay."""
         cp = self.xp
         fn()
         pool = cp.cuda.MemoryPool()
-        with cp.cuda.using_allocator(pool.malloc):
-            self.stream.begin_capture()
-            try:
-                fn()
-            finally:
-                graph = self.stream.end_capture()
-        return CapturedStep(graph, self.stream, pool, list(gemm._table_cache.values()))
+        plans = []
+        self._capturing = plans
+        try:
+            with cp.cuda.using_allocator(pool.malloc):
+                self.stream.begin_capture()
+                try:
+                    fn()
+                finally:
+                    graph = self.stream.end_capture()
+        finally:
+            self._capturing = None
+        return CapturedStep(graph, self.stream, pool, plans)

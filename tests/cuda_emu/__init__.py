@@ -7,19 +7,23 @@ How it works:
   use. A launch runs the grid one block at a time; each CUDA thread is a fiber on one OS thread,
   switched only at barriers and warp collectives, so runs are deterministic and a barrier that can
   never complete is reported as a deadlock instead of hanging.
-- ``cuda_src/`` is copied to a build folder, ``common/mma.cuh`` (the only file with inline PTX) is
-  replaced by ``mma_emulated.cuh`` (cp.async, ldmatrix, mma.sync and ex2.approx written from the PTX
-  ISA), and every ``extern __shared__ T name[];`` becomes a pointer to the block's dynamic shared
-  memory. Nothing else in the kernel source changes.
+- ``cuda_src/`` is copied to a build folder, the only files with inline PTX are replaced
+  (``OVERLAYS``): ``common/mma.cuh`` by ``mma_emulated.cuh`` (cp.async, ldmatrix, mma.sync and
+  ex2.approx written from the PTX ISA), ``common/wgmma.cuh`` by ``wgmma_emulated.cuh`` (wgmma.mma_async
+  with its matrix descriptors, fences and commit groups, fence.proxy.async), and every
+  ``extern __shared__ T name[];`` becomes a pointer to the block's dynamic shared memory. Nothing else
+  in the kernel source changes.
 - ``include/`` holds minimal host stand-ins for ``crt/host_defines.h`` and ``<nv/target>``, which the
   cudart wheel's ``cuda_fp16.h`` / ``cuda_bf16.h`` / ``cuda_fp8.h`` include but do not ship.
 - One shared library per (source file, kernel instantiations), cached by a hash of everything that
   goes into it, loaded with ctypes. Kernel arguments are numpy arrays (passed as host addresses) and
   numpy scalars of the kernel's parameter types, exactly as a CuPy launch takes them.
 
-Checks the emulation adds: cp.async / ldmatrix addresses inside the block's dynamic shared memory and
-aligned, shared memory filled with NaN bytes before every block and guarded after it, cp.async data
-landing only at the cp.async.wait_group that retires its group.
+Checks the emulation adds: cp.async / ldmatrix / wgmma operand addresses inside the block's dynamic
+shared memory and aligned, shared memory filled with NaN bytes before every block and guarded after
+it, cp.async data landing only at the cp.async.wait_group that retires its group; wgmma results
+reaching the accumulators only at the wgmma.wait_group that retires them (NaN before), a wgmma.fence
+before each batch of wgmmas, cp.async data read by wgmma only after its fence.proxy.async.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SHIM = HERE / "cuda_host_shim.h"
 MMA = HERE / "mma_emulated.cuh"
+#: cuda_src files holding inline PTX -> their host stand-ins (no other file may contain asm).
+OVERLAYS = {"common/mma.cuh": MMA, "common/wgmma.cuh": HERE / "wgmma_emulated.cuh"}
 INCLUDE = HERE / "include"
 CXX_FLAGS = ("-std=c++20", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off", "-w")
 
@@ -152,7 +158,7 @@ def _c_value(a):
 def _key(source: str, kernels: Sequence[str], src_root: Path, include_dir: str) -> str:
     h = hashlib.sha256()
     for p in sorted(list(src_root.rglob("*.cu")) + list(src_root.rglob("*.cuh"))) + sorted(
-        [SHIM, MMA] + [p for p in INCLUDE.rglob("*") if p.is_file()]
+        [SHIM, *OVERLAYS.values()] + [p for p in INCLUDE.rglob("*") if p.is_file()]
     ):
         h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(repr((source, tuple(kernels), CXX_FLAGS, include_dir)).encode())
@@ -175,7 +181,8 @@ def _prepare(source: str, kernels: Sequence[str]):
         rel = p.relative_to(src_root)
         dst = build / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        text = MMA.read_text() if rel.as_posix() == "common/mma.cuh" else p.read_text()
+        overlay = OVERLAYS.get(rel.as_posix())
+        text = overlay.read_text() if overlay is not None else p.read_text()
         dst.write_text(_rewrite_shared(text, rel.as_posix()))
     (build / "cuemu_main.cpp").write_text(_main_cpp(source, kernels))
     tmp_out = build / "out.so"

@@ -9,6 +9,7 @@
 // and guarded by a canary checked after it.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <math.h>
 #include <cstddef>
@@ -47,7 +48,8 @@ struct Barrier {
   unsigned long gen = 0;
 };
 
-constexpr int kSlotBytes = 64;  // per-lane exchange slot of a warp
+constexpr int kSlotBytes = 64;  // per-lane exchange slot of a warp (and of a warpgroup)
+constexpr int kWarpgroup = 128;  // threads of a warpgroup (wgmma)
 
 struct Fiber {
   ucontext_t ctx;
@@ -60,6 +62,15 @@ struct Fiber {
   struct Copy { void* dst; const void* src; int bytes; bool zero; unsigned long group; };
   std::vector<Copy> pending;
   unsigned long committed = 0;  // groups committed so far (the open group has this index)
+  // cp.async data this thread landed in shared memory and has not yet made visible to the async
+  // proxy (fence.proxy.async): [offset, offset + bytes) of the block's shared memory
+  std::vector<std::pair<size_t, int>> unfenced;
+  // wgmma.mma_async: results computed at issue, written to the accumulator registers only when
+  // wgmma.wait_group retires their commit group (the registers read NaN until then)
+  struct Wgmma { float* d; int n; std::vector<float> value; unsigned long group; };
+  std::vector<Wgmma> wg_pending;
+  unsigned long wg_committed = 0;
+  bool wg_fenced = false;  // a wgmma.fence since the last wgmma.wait_group (or the start)
 };
 
 // Order in which runnable threads of a block are resumed (see launch_impl).
@@ -73,6 +84,9 @@ struct State {
   std::vector<char*> stacks;
   std::vector<Barrier> warp_bars;
   std::vector<unsigned char> warp_slots;  // [warps][32][kSlotBytes]
+  std::vector<Barrier> wg_bars;
+  std::vector<unsigned char> wg_slots;    // [warpgroups][128][kSlotBytes]
+  std::vector<unsigned short> unfenced_owner;  // per shared byte: 1 + thread that landed it unfenced, or 0
   Barrier block_bar;
   int exited = 0;
   ucontext_t sched;
@@ -111,6 +125,15 @@ inline void wait_on(Barrier& b) {
 inline void warp_sync() { wait_on(S().warp_bars[me().warp]); }
 
 inline void block_sync() { wait_on(S().block_bar); }
+
+// All 128 threads of the calling warpgroup meet here.
+inline void warpgroup_sync() { wait_on(S().wg_bars[me().linear / kWarpgroup]); }
+
+// This warpgroup's exchange slot of thread `i` (0..127 within the warpgroup).
+inline unsigned char* wg_slot(int i) {
+  State& s = S();
+  return s.wg_slots.data() + (static_cast<size_t>(me().linear / kWarpgroup) * kWarpgroup + i) * kSlotBytes;
+}
 
 // This warp's exchange slot of `lane` (kSlotBytes bytes).
 inline unsigned char* slot(int lane) {
@@ -160,6 +183,26 @@ inline void check_align(const void* p, size_t align, const char* what) {
   }
 }
 
+// A cp.async copy lands: its bytes wait for this thread's fence.proxy.async before wgmma may read them.
+inline void land_copy(Fiber& f, void* dst, const void* src, int bytes, bool zero) {
+  if (zero) std::memset(dst, 0, bytes);
+  else std::memcpy(dst, src, bytes);
+  State& s = S();
+  const size_t off = static_cast<unsigned char*>(dst) - s.smem;
+  for (int i = 0; i < bytes; ++i) s.unfenced_owner[off + i] = static_cast<unsigned short>(f.linear + 1);
+  f.unfenced.push_back({off, bytes});
+}
+
+// fence.proxy.async.shared::cta: this thread's landed copies become visible to the async proxy.
+inline void proxy_fence() {
+  Fiber& f = me();
+  State& s = S();
+  for (const auto& r : f.unfenced)
+    for (int i = 0; i < r.second; ++i)
+      if (s.unfenced_owner[r.first + i] == f.linear + 1) s.unfenced_owner[r.first + i] = 0;
+  f.unfenced.clear();
+}
+
 // cp.async: completes at the wait_group that retires its group (any time in between is legal).
 inline void cp_async(void* dst, const void* src, int bytes, bool zero) {
   Fiber& f = me();
@@ -172,8 +215,7 @@ inline void cp_async_wait(int n_pending) {
   std::vector<Fiber::Copy> keep;
   for (const auto& c : f.pending) {
     if (static_cast<long long>(c.group) < limit) {
-      if (c.zero) std::memset(c.dst, 0, c.bytes);
-      else std::memcpy(c.dst, c.src, c.bytes);
+      land_copy(f, c.dst, c.src, c.bytes, c.zero);
     } else {
       keep.push_back(c);
     }
@@ -323,6 +365,7 @@ inline void fiber_entry(int index) {
   s.body(s.body_arg);
   Fiber& f = s.fibers[index];
   finish_copies(f);  // copies still in flight at exit complete anyway
+  if (!f.wg_pending.empty()) fail("thread " + std::to_string(f.linear) + " exited with wgmma.mma_async results never waited for (wgmma.commit_group / wgmma.wait_group missing)");
   f.done = true;
   ++s.exited;
   // An exited thread counts as arrived at later block barriers.
@@ -365,6 +408,10 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem, void (*body)(void*),
   const int warps = static_cast<int>((n + 31) / 32);
   s.warp_bars.assign(warps, Barrier{});
   s.warp_slots.assign(static_cast<size_t>(warps) * 32 * kSlotBytes, 0);
+  const int warpgroups = static_cast<int>((n + kWarpgroup - 1) / kWarpgroup);
+  s.wg_bars.assign(warpgroups, Barrier{});
+  s.wg_slots.assign(static_cast<size_t>(warpgroups) * kWarpgroup * kSlotBytes, 0);
+  s.unfenced_owner.assign(smem, 0);
   s.smem_buf.assign(smem + kSmemAlign + kCanaryBytes, 0);
   s.smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(s.smem_buf.data()) + kSmemAlign - 1) /
                                             kSmemAlign * kSmemAlign);
@@ -378,6 +425,9 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem, void (*body)(void*),
         s.exited = 0;
         s.block_bar = Barrier{0, static_cast<int>(n), 0};
         for (int w = 0; w < warps; ++w) s.warp_bars[w] = Barrier{0, static_cast<int>(std::min<long long>(32, n - 32LL * w)), 0};
+        for (int w = 0; w < warpgroups; ++w)
+          s.wg_bars[w] = Barrier{0, static_cast<int>(std::min<long long>(kWarpgroup, n - 1LL * kWarpgroup * w)), 0};
+        std::fill(s.unfenced_owner.begin(), s.unfenced_owner.end(), 0);
         for (long long i = 0; i < n; ++i) {
           Fiber& f = s.fibers[i];
           f = Fiber{};

@@ -1,0 +1,196 @@
+// Host stand-in for cuda_src/common/wgmma.cuh (tests/cuda_emu): the same functions, written from the
+// PTX ISA ("Asynchronous Warpgroup Level Matrix Multiply-Accumulate", sm_90a) rather than from how the
+// kernels use them.
+//
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16} with A in registers (PTX ISA, "Register
+// Fragments and Shared Memory Matrix Layouts"): the 128 threads of a warpgroup (4 consecutive warps,
+// the first one's index divisible by 4) each hold
+//   A: 4 registers a_0..a_7 (two 16-bit values each, a_0 in the low half of register 0); thread
+//      (warp w of the warpgroup, lane with g = lane >> 2, t = lane % 4) holds
+//        row = 16w + g for a_i, i in {0,1,4,5}; 16w + g + 8 otherwise
+//        col (k) = 2t + (i & 1) + (i >= 4 ? 8 : 0)
+//   D: N/2 fp32 registers d_0..; d_i: row = 16w + g + (i % 4 >= 2 ? 8 : 0), col = 8 (i / 4) + 2t + (i & 1)
+//   B: K x N in shared memory, given by a 64-bit matrix descriptor:
+//        bits  0-13 matrix start address >> 4 (shared window address)
+//        bits 16-29 leading dimension byte offset >> 4 (LBO)
+//        bits 32-45 stride dimension byte offset >> 4 (SBO)
+//        bits 49-51 matrix base offset (0 unless a swizzle pattern is offset)
+//        bits 62-63 swizzle mode: 0 none, 1 128B, 2 64B, 3 32B
+//      Only no-swizzle, K-major (imm-trans-b = 0) is emulated: B is made of core matrices of 8 columns
+//      n x 16 bytes (8 k values of 2 bytes, one 16-byte row per n, rows 16 bytes apart); element
+//      (k, n) lies at start + (k / 8) * LBO + (n / 8) * SBO + (n % 8) * 16 + (k % 8) * 2.
+// Semantics emulated: D = A B + D (scale-d = 1), products exact in double, the 16 products and D
+// summed in double and rounded once to fp32. The results are computed at issue but reach the
+// accumulator registers only when wgmma.wait_group retires their commit group; until then the
+// registers read NaN (the ISA leaves them undefined). A wgmma needs a wgmma.fence by the thread since
+// its last wgmma.wait_group; shared memory landed by cp.async must have passed the landing thread's
+// fence.proxy.async before a wgmma reads it (the emulator tracks cp.async data; ordinary stores are
+// not tracked).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace cuflash {
+
+constexpr int kWarpgroupThreads = 128;
+constexpr int kWgmmaM = 64;
+constexpr int kCoreRows = 8;
+constexpr int kCoreBytes = kCoreRows * 16;
+
+namespace wgmma_emu {
+
+constexpr unsigned long long kField = 0x3FFFull;  // 14-bit address / offset fields, units of 16 bytes
+
+inline std::string hex(unsigned long long v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%016llx", v);
+  return buf;
+}
+
+struct Desc {
+  size_t start, lbo, sbo;
+};
+
+inline Desc decode(unsigned long long desc) {
+  const unsigned swizzle = static_cast<unsigned>(desc >> 62);
+  const unsigned base_offset = static_cast<unsigned>((desc >> 49) & 7);
+  if (swizzle != 0) ::cuemu::fail("wgmma descriptor " + hex(desc) + ": swizzle mode " + std::to_string(swizzle) + " is not emulated (only 0, no swizzle)");
+  if (base_offset != 0) ::cuemu::fail("wgmma descriptor " + hex(desc) + ": matrix base offset must be 0 without swizzle");
+  const unsigned long long reserved = desc & ~((kField) | (kField << 16) | (kField << 32) | (7ull << 49) | (3ull << 62));
+  if (reserved) ::cuemu::fail("wgmma descriptor " + hex(desc) + ": reserved bits set (a field overflowed?)");
+  return {static_cast<size_t>(desc & kField) << 4, static_cast<size_t>((desc >> 16) & kField) << 4,
+          static_cast<size_t>((desc >> 32) & kField) << 4};
+}
+
+struct Operands {
+  unsigned a[4];
+  unsigned long long desc;
+};
+
+inline double to_double(unsigned short bits, bool bf16) {
+  if (bf16) {
+    const unsigned u = static_cast<unsigned>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half_raw h;
+  h.x = bits;
+  return static_cast<double>(__half2float(__half(h)));
+}
+
+template <int kN, bool kBf16>
+inline void mma_rs(float* d, const unsigned (&a)[4], unsigned long long desc) {
+  ::cuemu::Fiber& f = ::cuemu::me();
+  ::cuemu::State& s = ::cuemu::S();
+  const long long threads = static_cast<long long>(s.block.x) * s.block.y * s.block.z;
+  if (threads % kWarpgroupThreads) ::cuemu::fail("wgmma.mma_async in a block of " + std::to_string(threads) + " threads (not whole warpgroups)");
+  if (!f.wg_fenced) ::cuemu::fail("thread " + std::to_string(f.linear) + ": wgmma.mma_async without a wgmma.fence since its last wgmma.wait_group");
+  const int me = f.linear % kWarpgroupThreads;
+  Operands mine{{a[0], a[1], a[2], a[3]}, desc};
+  std::memcpy(::cuemu::wg_slot(me), &mine, sizeof mine);
+  ::cuemu::warpgroup_sync();
+  auto ops = [](int i) {
+    Operands o;
+    std::memcpy(&o, ::cuemu::wg_slot(i), sizeof o);
+    return o;
+  };
+  for (int i = 0; i < kWarpgroupThreads; ++i)
+    if (ops(i).desc != desc) ::cuemu::fail("wgmma.mma_async: the warpgroup's threads passed different B descriptors (" + hex(ops(i).desc) + " vs " + hex(desc) + ")");
+  const Desc b = decode(desc);
+  // B(k, n): 16-bit element of the K-major no-swizzle layout; every core-matrix row read is checked.
+  auto B = [&](int k, int n) {
+    const size_t off = b.start + (k / 8) * b.lbo + (n / 8) * b.sbo + (n % 8) * 16 + (k % 8) * 2;
+    if (k % 8 == 0) {
+      ::cuemu::check_smem(s.smem + off, 16, 16, "wgmma.mma_async B core-matrix row");
+      for (int i = 0; i < 16; ++i)
+        if (s.unfenced_owner[off + i])
+          ::cuemu::fail("wgmma.mma_async reads shared memory that thread " + std::to_string(s.unfenced_owner[off + i] - 1) +
+                        " landed by cp.async without a fence.proxy.async since");
+    }
+    unsigned short v;
+    std::memcpy(&v, s.smem + off, 2);
+    return to_double(v, kBf16);
+  };
+  // A(row, k): element i = (k & 1) + (row % 16 >= 8 ? 2 : 0) + (k >= 8 ? 4 : 0) of the thread of warp
+  // row / 16, lane 4 (row % 8) + (k % 8) / 2.
+  auto A = [&](int row, int k) {
+    const int i = (k & 1) + (row % 16 >= 8 ? 2 : 0) + (k >= 8 ? 4 : 0);
+    const unsigned reg = ops(32 * (row / 16) + 4 * (row % 8) + (k % 8) / 2).a[i / 2];
+    return to_double(static_cast<unsigned short>(i % 2 ? reg >> 16 : reg & 0xFFFFu), kBf16);
+  };
+  // The accumulator input: the latest in-flight result for these registers, else the registers.
+  const float* in = d;
+  for (const auto& p : f.wg_pending)
+    if (p.d == d) in = p.value.data();
+  const int w = me / 32, lane = me % 32, g = lane >> 2, t = lane & 3;
+  std::vector<float> out(kN / 2);
+  for (int i = 0; i < kN / 2; ++i) {
+    const int row = 16 * w + g + (i % 4 >= 2 ? 8 : 0), col = 8 * (i / 4) + 2 * t + (i & 1);
+    double acc = in[i];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    out[i] = static_cast<float>(acc);
+  }
+  ::cuemu::warpgroup_sync();
+  f.wg_pending.push_back({d, kN / 2, std::move(out), f.wg_committed});
+  for (int i = 0; i < kN / 2; ++i) d[i] = std::nanf("");  // in flight: undefined until wait_group
+}
+
+}  // namespace wgmma_emu
+
+// Descriptor fields per the ISA; the start address is the offset in the block's shared memory window.
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* smem, unsigned lbo, unsigned sbo) {
+  ::cuemu::check_smem(smem, 16, 16, "wgmma descriptor start address");
+  const size_t addr = static_cast<const unsigned char*>(smem) - ::cuemu::dynamic_smem();
+  if ((addr >> 4) > wgmma_emu::kField || (lbo >> 4) > wgmma_emu::kField || (sbo >> 4) > wgmma_emu::kField)
+    ::cuemu::fail("wgmma descriptor: a field does not fit its 14 bits");
+  if (lbo % 16 || sbo % 16) ::cuemu::fail("wgmma descriptor: LBO / SBO must be multiples of 16 bytes");
+  return static_cast<unsigned long long>(addr >> 4) | (static_cast<unsigned long long>(lbo >> 4) << 16) |
+         (static_cast<unsigned long long>(sbo >> 4) << 32);
+}
+
+__device__ __forceinline__ unsigned long long wgmma_desc_advance(unsigned long long desc, unsigned bytes) {
+  if (bytes % 16) ::cuemu::fail("wgmma_desc_advance: not a multiple of 16 bytes");
+  const unsigned long long start = (desc & wgmma_emu::kField) + (bytes >> 4);
+  if (start > wgmma_emu::kField) ::cuemu::fail("wgmma_desc_advance: start address overflows its 14-bit field");
+  return (desc & ~wgmma_emu::kField) | start;
+}
+
+// wgmma.fence / commit_group / wait_group are .sync.aligned: every lane of the warp executes them together.
+__device__ __forceinline__ void wgmma_fence() {
+  ::cuemu::warp_sync();
+  ::cuemu::me().wg_fenced = true;
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+  ::cuemu::warp_sync();
+  ++::cuemu::me().wg_committed;
+}
+
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  ::cuemu::warp_sync();
+  ::cuemu::Fiber& f = ::cuemu::me();
+  const long long limit = static_cast<long long>(f.wg_committed) - kPending;  // groups < limit retire
+  std::vector<::cuemu::Fiber::Wgmma> keep;
+  for (auto& p : f.wg_pending) {
+    if (static_cast<long long>(p.group) < limit) std::memcpy(p.d, p.value.data(), sizeof(float) * p.n);
+    else keep.push_back(std::move(p));
+  }
+  f.wg_pending.swap(keep);
+  f.wg_fenced = false;
+}
+
+template <int kN>
+__device__ __forceinline__ void wgmma_fence_operand(float (&)[kN]) {}
+
+__device__ __forceinline__ void fence_proxy_async_shared() { ::cuemu::proxy_fence(); }
+
+template <int kN, typename T>
+__device__ __forceinline__ void wgmma_m64k16_rs(float (&d)[kN / 2], const unsigned (&a)[4], unsigned long long desc_b) {
+  static_assert(kN % 8 == 0 && kN >= 8 && kN <= 256, "wgmma m64nNk16: N a multiple of 8 in [8, 256]");
+  wgmma_emu::mma_rs<kN, std::is_same<T, __nv_bfloat16>::value>(d, a, desc_b);
+}
+
+}  // namespace cuflash
