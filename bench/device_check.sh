@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One visit to the lent GPU (see ../shared/DEVICE.md): run from the repository root on the device,
 #   bash bench/device_check.sh [stage ...]
-# stages: info tests sanitize bench-quant bench-gemm bench-attn (default: all, in that order). Logs and JSON go
+# stages: info tests sanitize bench-quant bench-gemm bench-gemm-wgmma bench-attn bench-llm (default: all, in that order). Logs and JSON go
 # to $OUT (the device tool's return folder) or /tmp/cuflash-out. Each stage's exit status is kept and
 # a summary printed last, so one failing stage does not hide the others.
 set -uo pipefail
@@ -11,7 +11,7 @@ export CUFLASH_CACHE_DIR=${CUFLASH_CACHE_DIR:-/tmp/cuflash-cache}
 out=${OUT:-/tmp/cuflash-out}
 mkdir -p "$out"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(info tests sanitize bench-quant bench-gemm bench-attn)
+[ ${#stages[@]} -eq 0 ] && stages=(info tests sanitize bench-quant bench-gemm bench-gemm-wgmma bench-attn bench-llm)
 declare -A status
 
 run_stage() {
@@ -33,6 +33,8 @@ for s in "${stages[@]}"; do
         python3 -m pytest -m gpu -q -x -k sanitize tests ;;
     bench-gemm) run_stage bench-gemm python3 bench/bench_group_gemm.py --json "$out/bench_group_gemm.json" ;;
     bench-quant) run_stage bench-quant python3 bench/bench_quantize.py --json "$out/bench_quantize.json" ;;
+    bench-gemm-wgmma) run_stage bench-gemm-wgmma env CUFLASH_GEMM_WGMMA=1 python3 bench/bench_group_gemm.py --json "$out/bench_group_gemm_wgmma.json" ;;
+    bench-llm) run_stage bench-llm python3 bench/bench_llm.py --json "$out/bench_llm.json" ;;
     bench-attn) run_stage bench-attn python3 bench/bench_attention.py --json "$out/bench_attention.json" ;;
     *) echo "unknown stage $s"; status[$s]=2 ;;
   esac

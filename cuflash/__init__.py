@@ -11,7 +11,7 @@ from ._jit import CuflashUnavailableError  # noqa: E402
 from .gemm import (  # noqa: E402
     GemmPlan, dual_gemm, group_gemm, group_gemm_ragged, plan_dual_gemm, plan_group_gemm, plan_group_gemm_ragged,
 )
-from .attention import AttentionPlan, PagedKVCache, append_paged_kv, paged_attention  # noqa: E402
+from .attention import AttentionPlan, PagedBatch, PagedKVCache, append_paged_kv, paged_attention  # noqa: E402
 from .nvfp4 import NVFP4Tensor, dequantize, quantize  # noqa: E402
 
 __all__ = [
@@ -19,5 +19,5 @@ __all__ = [
     "group_gemm", "group_gemm_ragged", "dual_gemm",
     "GemmPlan", "plan_group_gemm", "plan_group_gemm_ragged", "plan_dual_gemm",
     "NVFP4Tensor", "quantize", "dequantize",
-    "PagedKVCache", "AttentionPlan", "paged_attention", "append_paged_kv",
+    "PagedKVCache", "PagedBatch", "AttentionPlan", "paged_attention", "append_paged_kv",
 ]
