@@ -118,6 +118,31 @@ struct TileView {
   bool blocked;
 };
 
+// The view of tile `local` (token tiles fastest) of problem p, whose token rows are `rows`.
+template <bool kDual>
+__device__ __forceinline__ TileView make_tile_view(const GemmProblem& p, ProblemRows rows, int local, int m_tiles,
+                                                   int block_m, bool blocked) {
+  TileView v;
+  v.a = reinterpret_cast<const unsigned char*>(p.a);
+  v.b[0] = reinterpret_cast<const unsigned char*>(p.b);
+  v.b[1] = reinterpret_cast<const unsigned char*>(kDual ? p.b2 : p.b);
+  v.sfa = p.sfa;
+  v.sfb[0] = p.sfb;
+  v.sfb[1] = kDual ? p.sfb2 : p.sfb;
+  v.a_row = p.a_row;
+  v.b_row = p.b_row;
+  v.sfa_row = p.sfa_row;
+  v.sfb_row = p.sfb_row;
+  v.rows = rows.rows;
+  v.row_base = rows.row_base;
+  v.n = p.n;
+  v.num_k_stages = p.k / kStageK;
+  v.m0 = (local % m_tiles) * block_m;
+  v.n0 = (local / m_tiles) * kBlockN;
+  v.blocked = blocked;
+  return v;
+}
+
 template <class Tr, int kTokens, bool kDual>
 struct Stage {
   unsigned char* base;
@@ -270,24 +295,7 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
     const int local = tile - prefix[pi];
     const int m_tiles = ceil_div_dev(rows.rows, kBlockM);
 
-    TileView v;
-    v.a = reinterpret_cast<const unsigned char*>(p.a);
-    v.b[0] = reinterpret_cast<const unsigned char*>(p.b);
-    v.b[1] = reinterpret_cast<const unsigned char*>(kDual ? p.b2 : p.b);
-    v.sfa = p.sfa;
-    v.sfb[0] = p.sfb;
-    v.sfb[1] = kDual ? p.sfb2 : p.sfb;
-    v.a_row = p.a_row;
-    v.b_row = p.b_row;
-    v.sfa_row = p.sfa_row;
-    v.sfb_row = p.sfb_row;
-    v.rows = rows.rows;
-    v.row_base = rows.row_base;
-    v.n = p.n;
-    v.num_k_stages = p.k / kStageK;
-    v.m0 = (local % m_tiles) * kBlockM;
-    v.n0 = (local / m_tiles) * kBlockN;
-    v.blocked = blocked_scales != 0;
+    const TileView v = make_tile_view<kDual>(p, rows, local, m_tiles, kBlockM, blocked_scales != 0);
 
     float acc[Tr::kWeights][kMmaTilesN][Tr::kMmaTilesM][4];
 #pragma unroll
@@ -492,24 +500,7 @@ __global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>:
     const int local = tile - prefix[pi];
     const int m_tiles = ceil_div_dev(rows.rows, kBlockM);
 
-    TileView v;
-    v.a = reinterpret_cast<const unsigned char*>(p.a);
-    v.b[0] = reinterpret_cast<const unsigned char*>(p.b);
-    v.b[1] = reinterpret_cast<const unsigned char*>(kDual ? p.b2 : p.b);
-    v.sfa = p.sfa;
-    v.sfb[0] = p.sfb;
-    v.sfb[1] = kDual ? p.sfb2 : p.sfb;
-    v.a_row = p.a_row;
-    v.b_row = p.b_row;
-    v.sfa_row = p.sfa_row;
-    v.sfb_row = p.sfb_row;
-    v.rows = rows.rows;
-    v.row_base = rows.row_base;
-    v.n = p.n;
-    v.num_k_stages = p.k / kStageK;
-    v.m0 = (local % m_tiles) * kBlockM;
-    v.n0 = (local / m_tiles) * kBlockN;
-    v.blocked = blocked_scales != 0;
+    const TileView v = make_tile_view<kDual>(p, rows, local, m_tiles, kBlockM, blocked_scales != 0);
 
     float acc[Tr::kWeights][Tr::kAcc];
 #pragma unroll
