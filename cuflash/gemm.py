@@ -804,6 +804,18 @@ def plan_dual_gemm(a, b1, b2, sfa, sfb1, sfb2, *, alpha1=None, alpha2=None, out=
     return _checked_plan(plan, out, "plan_dual_gemm")
 
 
+def _prepare_and_launch(ctx, cp, cfg, table, tiles_bound, offsets, blocked, odt, *, key, copied, launch):
+    """The common tail of every GEMM call: prepare the launch, run it (unless only planning), and
+    return its GemmPlan (None when an operand was copied: such a call is not replayable), cached
+    under ``key`` for later calls with the same arrays."""
+    prepared = _prepare(ctx, cp, cfg, table, tiles_bound, offsets, blocked, odt)
+    if launch:
+        prepared.launch(ctx.stream)
+    plan = None if copied else GemmPlan(prepared, ctx.device_id, ctx.torch_in)
+    _remember(key, plan)
+    return plan
+
+
 def _materialize(ctx, cp, d):
     """Replace an operand that fails the kernel's layout rules (K-contiguous, 16/4-byte aligned
     rows) with a compliant copy: [L, rows, cols] C-contiguous, viewed back as [rows, cols, L]."""
@@ -896,11 +908,8 @@ def _group_gemm(a, b, sfa, sfb, alpha, out, out_dtype, scale_layout, *, key=None
         table = build_table(prods, [(ptr, row, l * itemsize) for ptr, row, l in out_ptrs])
         cfg = choose_config(tokens, False, max(p.m for p in prods), launch_arch(ctx.device_id))
         tiles = tile_count([p.m for p in prods for _ in range(p.L)], [p.n for p in prods for _ in range(p.L)], cfg.block_m)
-        prepared = _prepare(ctx, cp, cfg, table, tiles, None, blocked, odt)
-        if launch:
-            prepared.launch(ctx.stream)
-        plan = None if copied else GemmPlan(prepared, ctx.device_id, ctx.torch_in)
-        _remember(key, plan)
+        plan = _prepare_and_launch(ctx, cp, cfg, table, tiles, None, blocked, odt, key=key, copied=copied,
+                                   launch=launch)
         return (out if out is not None else ctx.to_caller(results)), plan
 
 
@@ -961,11 +970,8 @@ def _group_gemm_ragged(a, b, sfa, sfb, offsets, alpha, out, out_dtype, scale_lay
         table = build_ragged_table(rg, optr, orow)
         cfg = choose_config(tokens, False, V.ceil_div(rg.total_m, rg.groups), launch_arch(ctx.device_id))
         bound = ragged_tile_bound(rg.total_m, rg.groups, rg.n, cfg.block_m)
-        prepared = _prepare(ctx, cp, cfg, table, bound, offsets, blocked, odt)
-        if launch:
-            prepared.launch(ctx.stream)
-        plan = None if copied else GemmPlan(prepared, ctx.device_id, ctx.torch_in)
-        _remember(key, plan)
+        plan = _prepare_and_launch(ctx, cp, cfg, table, bound, offsets, blocked, odt, key=key, copied=copied,
+                                   launch=launch)
         return (out if out is not None else ctx.to_caller(y)), plan
 
 
@@ -1013,9 +1019,6 @@ def _dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1, alpha2, out, out_dtype, scale
         table = build_table([prod], [(ptrs[0], ptrs[1], ptrs[2] * itemsize)])
         cfg = choose_config(tokens, True, prod.m, launch_arch(ctx.device_id))
         tiles = tile_count([prod.m] * prod.L, [prod.n] * prod.L, cfg.block_m)
-        prepared = _prepare(ctx, cp, cfg, table, tiles, None, blocked, odt)
-        if launch:
-            prepared.launch(ctx.stream)
-        plan = None if copied else GemmPlan(prepared, ctx.device_id, ctx.torch_in)
-        _remember(key, plan)
+        plan = _prepare_and_launch(ctx, cp, cfg, table, tiles, None, blocked, odt, key=key, copied=copied,
+                                   launch=launch)
         return (out if out is not None else ctx.to_caller(y)), plan
