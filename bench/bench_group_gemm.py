@@ -67,6 +67,14 @@ def main(argv=None) -> int:
         q = torch.stack([e2m1[(p & 15).long()], e2m1[(p >> 4).long()]], dim=-1).reshape(p.shape[0], -1)
         return (q * s.view(torch.float8_e4m3fn).float().repeat_interleave(16, dim=1)).to(dtype)
 
+    def tokens(form, rows, k):
+        """(A, its scales or None, its exact fp32 value): packed NVFP4 (W4A4) or fp16 (W4A16)."""
+        if form == "W4A4":
+            a, sa = packed(rows, k), scales(rows, k)
+            return a, sa, dequant(a, sa)
+        a = torch.randn(rows, k, device=dev, generator=gen).half()
+        return a, None, a.float()
+
     def timed(fn):
         return common.time_fn(fn, warmup=3 if args.quick else 5, iters=iters, stream=stream)
 
@@ -92,14 +100,9 @@ def main(argv=None) -> int:
         SB = [scales(n, k) for _ in ms]
         Bf = [dequant(b, s) for b, s in zip(B, SB)]
         for form in ("W4A4", "W4A16"):
-            if form == "W4A4":
-                A = [packed(m, k) for m in ms]
-                SA = [scales(m, k) for m in ms]
-                Af = [dequant(a, s) for a, s in zip(A, SA)]
-            else:
-                A = [torch.randn(m, k, device=dev, generator=gen).half() for m in ms]
-                SA = None
-                Af = [a.float() for a in A]
+            A, SA, Af = zip(*[tokens(form, m, k) for m in ms])
+            A, Af = list(A), list(Af)
+            SA = list(SA) if form == "W4A4" else None
             out = [torch.empty(m, n, device=dev, dtype=torch.float16) for m in ms]
             run = lambda: gemm.group_gemm(A, B, SA, SB, out=out)  # noqa: E731
             run()
@@ -137,12 +140,7 @@ def main(argv=None) -> int:
         b1, b2, s1, s2 = packed(n, k), packed(n, k), scales(n, k), scales(n, k)
         B1f, B2f = dequant(b1, s1), dequant(b2, s2)
         for form in ("W4A4", "W4A16"):
-            if form == "W4A4":
-                a, sa = packed(m, k), scales(m, k)
-                Af = dequant(a, sa)
-            else:
-                a, sa = torch.randn(m, k, device=dev, generator=gen).half(), None
-                Af = a.float()
+            a, sa, Af = tokens(form, m, k)
             out = torch.empty(m, n, device=dev, dtype=torch.float16)
             run = lambda: gemm.dual_gemm(a, b1, b2, sa, s1, s2, out=out)  # noqa: E731
             run()
@@ -166,12 +164,7 @@ def main(argv=None) -> int:
         b = torch.randint(0, 256, (G, n, k // 2), dtype=torch.uint8, device=dev, generator=gen)
         sb = scales(G * n, k).view(G, n, k // 16)
         for form in ("W4A4", "W4A16"):
-            if form == "W4A4":
-                a, sa = packed(total, k), scales(total, k)
-                Af = dequant(a, sa)
-            else:
-                a, sa = torch.randn(total, k, device=dev, generator=gen).half(), None
-                Af = a.float()
+            a, sa, Af = tokens(form, total, k)
             out = torch.empty(total, n, device=dev, dtype=torch.float16)
             run = lambda: gemm.group_gemm_ragged(a, b, sa, sb, offsets_d, out=out)  # noqa: E731
             run()

@@ -214,21 +214,26 @@ def test_group_gemm_batch_L(mods, rng, schedule, tokens, layout):
         TG._check(_f64(o), r, "float16")
 
 
-@pytest.mark.parametrize("tokens,m,n,k,layout", [("nvfp4", 20, 150, 128, "blocked"), ("float16", 1, 72, 192, "plain")])
-def test_dual_gemm(mods, rng, schedule, tokens, m, n, k, layout):
+def _run_dual_gemm(mods, rng, tokens, m, n, k, layout, out_dtype, arch_args=(), schedule="round_robin"):
+    """One emulated dual GEMM (portable, or wgmma with arch_args=("hopper",)) against the reference."""
     a = TG.rand_packed(rng, m, k) if tokens == "nvfp4" else TG.rand_acts(rng, m, k, "float16")
     sfa = TG.rand_scales(rng, (m, k // 16)) if tokens == "nvfp4" else None
     b1, b2 = TG.rand_packed(rng, n, k), TG.rand_packed(rng, n, k)
     s1, s2 = TG.rand_scales(rng, (n, k // 16)), TG.rand_scales(rng, (n, k // 16))
     ref = reference.dual_gemm(a, b1, b2, sfa, s1, s2, alpha1=0.5, alpha2=1.5)
-    out = _nan((m, n), "float16")
+    out = _nan((m, n), out_dtype)
     prod, tok, odt = gemm.validate_dual_gemm(a, b1, b2, _scales(sfa, layout), _scales(s1, layout), _scales(s2, layout),
                                              alpha1=0.5, alpha2=1.5, out=out, scale_layout=layout)
     table = gemm.build_table([prod], [(out.ctypes.data, n, 0)])
-    cfg = gemm.choose_config(tok, True, m)
+    cfg = gemm.choose_config(tok, True, m, *arch_args)
     assert cfg in GEMM_CONFIGS
     _launch_gemm(mods["gemm"], cfg, table, gemm.tile_count([m], [n], cfg.block_m), None, layout == "blocked", odt, schedule)
-    TG._check(_f64(out), ref, "float16")
+    TG._check(_f64(out), ref, out_dtype)
+
+
+@pytest.mark.parametrize("tokens,m,n,k,layout", [("nvfp4", 20, 150, 128, "blocked"), ("float16", 1, 72, 192, "plain")])
+def test_dual_gemm(mods, rng, schedule, tokens, m, n, k, layout):
+    _run_dual_gemm(mods, rng, tokens, m, n, k, layout, "float16", schedule=schedule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,19 +277,7 @@ def test_group_gemm_wgmma(mods, rng, schedule, tokens, ms, ns, ks, layout, odt):
 
 @pytest.mark.parametrize("tokens,m,n,k,layout", [("float16", 33, 136, 192, "blocked"), ("nvfp4", 1, 72, 64, "plain")])
 def test_dual_gemm_wgmma(mods, rng, tokens, m, n, k, layout):
-    a = TG.rand_packed(rng, m, k) if tokens == "nvfp4" else TG.rand_acts(rng, m, k, "float16")
-    sfa = TG.rand_scales(rng, (m, k // 16)) if tokens == "nvfp4" else None
-    b1, b2 = TG.rand_packed(rng, n, k), TG.rand_packed(rng, n, k)
-    s1, s2 = TG.rand_scales(rng, (n, k // 16)), TG.rand_scales(rng, (n, k // 16))
-    ref = reference.dual_gemm(a, b1, b2, sfa, s1, s2, alpha1=0.5, alpha2=1.5)
-    out = _nan((m, n), "bfloat16")
-    prod, tok, odt = gemm.validate_dual_gemm(a, b1, b2, _scales(sfa, layout), _scales(s1, layout), _scales(s2, layout),
-                                             alpha1=0.5, alpha2=1.5, out=out, scale_layout=layout)
-    table = gemm.build_table([prod], [(out.ctypes.data, n, 0)])
-    cfg = gemm.choose_config(tok, True, m, "hopper")
-    assert cfg in GEMM_CONFIGS
-    _launch_gemm(mods["gemm"], cfg, table, gemm.tile_count([m], [n], cfg.block_m), None, layout == "blocked", odt)
-    TG._check(_f64(out), ref, "bfloat16")
+    _run_dual_gemm(mods, rng, tokens, m, n, k, layout, "bfloat16", arch_args=("hopper",))
 
 
 def test_group_gemm_ragged_wgmma(mods, rng):
