@@ -1,49 +1,54 @@
 #!/usr/bin/env bash
 # One visit to the lent GPU (see ../shared/DEVICE.md): run from the repository root on the device,
 #   bash bench/device_check.sh [stage ...]
-# stages: info tests sanitize bench-quant bench-gemm bench-gemm-wgmma bench-attn bench-llm (default: all, in that order). Logs and JSON go
-# to $OUT (the device tool's return folder) or /tmp/cuflash-out. Each stage's exit status is kept and
-# a summary printed last, so one failing stage does not hide the others.
+# stages: info tests sanitize bench-quant bench-gemm bench-gemm-wgmma bench-attn bench-llm
+# (default: all, in that order). Logs and JSON go to a work folder that is packed after every stage
+# into $OUT/results.tgz (the device tool returns at most 8 files a call). Each stage runs under its own
+# time limit (STAGE_TIMEOUT seconds, default 240) and keeps its exit status; a summary comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export CUFLASH_CACHE_DIR=${CUFLASH_CACHE_DIR:-/tmp/cuflash-cache}
-out=${OUT:-/tmp/cuflash-out}
-mkdir -p "$out"
+OUT=${OUT:-/tmp/cuflash-out}
+work=/tmp/cuflash-work
+mkdir -p "$OUT" "$work"
+limit=${STAGE_TIMEOUT:-240}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(info tests sanitize bench-quant bench-gemm bench-gemm-wgmma bench-attn bench-llm)
-declare -A status
+summary="$work/summary.txt"
+: > "$summary"
 
 run_stage() {
   local name=$1; shift
+  local t0=$SECONDS
   echo "=== $name: $*"
-  "$@" 2>&1 | tee "$out/$name.log"
-  status[$name]=${PIPESTATUS[0]}
+  timeout -k 10 "$limit" "$@" > "$work/$name.log" 2>&1
+  local rc=$?
+  # console: the end of each log only; the whole log travels in results.tgz
+  tail -n "${TAIL_LINES:-25}" "$work/$name.log"
+  echo "$name: exit $rc, $((SECONDS - t0)) s" | tee -a "$summary"
+  tar -C "$work" -czf "$OUT/results.tgz" . 2>/dev/null
 }
 
 for s in "${stages[@]}"; do
   case $s in
     info) run_stage info python3 -m cuflash info ;;
-    tests) run_stage tests python3 -m pytest -m gpu -q -rs tests ;;
+    tests) run_stage tests python3 -m pytest -m gpu -q -rfEs tests ;;
     # small cases only: the sanitizers slow kernels down 10-100x
     sanitize)
       run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
         python3 -m pytest -m gpu -q -x -k sanitize tests
       run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
         python3 -m pytest -m gpu -q -x -k sanitize tests ;;
-    bench-gemm) run_stage bench-gemm python3 bench/bench_group_gemm.py --json "$out/bench_group_gemm.json" ;;
-    bench-quant) run_stage bench-quant python3 bench/bench_quantize.py --json "$out/bench_quantize.json" ;;
-    bench-gemm-wgmma) run_stage bench-gemm-wgmma env CUFLASH_GEMM_WGMMA=1 python3 bench/bench_group_gemm.py --json "$out/bench_group_gemm_wgmma.json" ;;
-    bench-llm) run_stage bench-llm python3 bench/bench_llm.py --json "$out/bench_llm.json" ;;
-    bench-attn) run_stage bench-attn python3 bench/bench_attention.py --json "$out/bench_attention.json" ;;
-    *) echo "unknown stage $s"; status[$s]=2 ;;
+    bench-gemm) run_stage bench-gemm python3 bench/bench_group_gemm.py --json "$work/bench_group_gemm.json" ;;
+    bench-quant) run_stage bench-quant python3 bench/bench_quantize.py --json "$work/bench_quantize.json" ;;
+    bench-gemm-wgmma) run_stage bench-gemm-wgmma env CUFLASH_GEMM_WGMMA=1 python3 bench/bench_group_gemm.py --json "$work/bench_group_gemm_wgmma.json" ;;
+    bench-llm) run_stage bench-llm python3 bench/bench_llm.py --json "$work/bench_llm.json" ;;
+    bench-attn) run_stage bench-attn python3 bench/bench_attention.py --json "$work/bench_attention.json" ;;
+    *) echo "unknown stage $s" | tee -a "$summary" ;;
   esac
 done
 
 echo "=== summary"
-rc=0
-for s in "${!status[@]}"; do
-  echo "$s: exit ${status[$s]}"
-  [ "${status[$s]}" -ne 0 ] && rc=1
-done
-exit $rc
+cat "$summary"
+! grep -qv ': exit 0,' "$summary"
