@@ -59,20 +59,21 @@ def main(argv=None) -> int:
     def packed(rows, k):
         return torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8, device=dev, generator=gen)
 
-    def scales(rows, k):
-        v = torch.exp2(torch.rand((rows, k // 16), device=dev, generator=gen) * 4 - 3)
+    def scales(rows, k, scale=1.0):
+        v = torch.exp2(torch.rand((rows, k // 16), device=dev, generator=gen) * 4 - 3) * scale
         return v.to(torch.float8_e4m3fn).view(torch.uint8)
 
     def dequant(p, s, dtype=torch.float32):
         q = torch.stack([e2m1[(p & 15).long()], e2m1[(p >> 4).long()]], dim=-1).reshape(p.shape[0], -1)
         return (q * s.view(torch.float8_e4m3fn).float().repeat_interleave(16, dim=1)).to(dtype)
 
-    def tokens(form, rows, k):
-        """(A, its scales or None, its exact fp32 value): packed NVFP4 (W4A4) or fp16 (W4A16)."""
+    def tokens(form, rows, k, scale=1.0):
+        """(A, its scales or None, its exact fp32 value): packed NVFP4 (W4A4) or fp16 (W4A16), its
+        magnitude times ``scale`` (a power of two)."""
         if form == "W4A4":
-            a, sa = packed(rows, k), scales(rows, k)
+            a, sa = packed(rows, k), scales(rows, k, scale)
             return a, sa, dequant(a, sa)
-        a = torch.randn(rows, k, device=dev, generator=gen).half()
+        a = (torch.randn(rows, k, device=dev, generator=gen) * scale).half()
         return a, None, a.float()
 
     def timed(fn):
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
         b1, b2, s1, s2 = packed(n, k), packed(n, k), scales(n, k), scales(n, k)
         B1f, B2f = dequant(b1, s1), dequant(b2, s2)
         for form in ("W4A4", "W4A16"):
-            a, sa, Af = tokens(form, m, k)
+            # silu(h1) * h2 multiplies two sums of K products: A at 1/16 of the usual size keeps it in fp16
+            a, sa, Af = tokens(form, m, k, scale=1 / 16)
             out = torch.empty(m, n, device=dev, dtype=torch.float16)
             run = lambda: gemm.dual_gemm(a, b1, b2, sa, s1, s2, out=out)  # noqa: E731
             run()

@@ -212,7 +212,7 @@ def run_arch(torch, arch: str, args, res: Results, rng) -> dict:
     weights = convert.convert(model, on_gpu=True)
     peer = model.to(torch.bfloat16)  # in place: the values are bf16 already, nothing is lost
     runner = M.Runner(O.CuflashOps(weights), max_batch=max(DECODE_BATCHES), max_seq_len=max_seq, page_size=PAGE_SIZE,
-                      max_tokens=prefill[0] * prefill[1])
+                      max_tokens=max(prefill[0] * prefill[1], max(DECODE_BATCHES) * DECODE_PROMPT))
     print(f"{arch}: built and converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     info = {"shape": shape, "peer_experts_implementation": getattr(peer.config, "_experts_implementation", None)}
     if not args.no_check:
@@ -220,7 +220,12 @@ def run_arch(torch, arch: str, args, res: Results, rng) -> dict:
         info["agreement"] = check_agreement(runner, ref, args.vocab, rng)
         del ref
         torch.cuda.empty_cache()
-        print(f"{arch}: agreement {'ok' if info['agreement']['ok'] else 'FAILED'}", file=sys.stderr)
+        a = info["agreement"]
+        print(f"{arch}: agreement {'ok' if a['ok'] else 'FAILED'}", file=sys.stderr)
+        if not a["ok"]:  # what failed, so one run says it
+            for k, v in a.items():
+                for line in ([f"{k}: {v}"] if k != "per_prompt" else [f"prompt {i}: {p}" for i, p in enumerate(v)]):
+                    print(f"  {line}", file=sys.stderr)
     bench_cuflash(runner, res, arch, args.vocab, rng, args.steps, prefill)
     caches = ("static",) if args.quick else ("dynamic", "static")
     bench_hf(torch, peer.eval(), res, arch, args.vocab, args.steps, prefill,

@@ -393,7 +393,7 @@ struct WgmmaTraits {
   static constexpr int kTokenScaleBytes = kTokens == kTokensNVFP4 ? kBlockM * kStageScales : 0;
   static constexpr int kStageBytes =
       kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes + kTokenScaleBytes;
-  static constexpr int kTokenF16Bytes = kTokens == kTokensNVFP4 ? kTokenF16TileBytes : 0;
+  static constexpr int kTokenF16Bytes = kTokens == kTokensNVFP4 ? 2 * kTokenF16TileBytes : 0;  // two buffers
   static constexpr int kPipeBytes = kStages * kStageBytes + kTokenF16Bytes;
   static_assert(kBlockM % 16 == 0 && kBlockM >= 16 && kBlockM <= 256, "wgmma N: a multiple of 16 up to 256");
   static_assert(kStageBytes % 16 == 0, "stage buffers (and wgmma's token tiles) must stay 16-byte aligned");
@@ -452,14 +452,20 @@ __device__ __forceinline__ void weight_fragments(const Stage<Tr, kTokens, kDual>
   }
 }
 
-// The wgmmas of one stage for this thread's warpgroup, completed before returning (the stage's
-// buffers are refilled after the next barrier).
+template <class Tr>
+__device__ __forceinline__ void fence_fragments(unsigned (&a)[Tr::kWeights][kWgKSteps][4]) {
+#pragma unroll
+  for (int w = 0; w < Tr::kWeights; ++w)
+#pragma unroll
+    for (int s = 0; s < kWgKSteps; ++s) wgmma_fence_operand(a[w][s]);
+}
+
+// Issues (and commits as one group) the wgmmas of one stage for this thread's warpgroup; they run
+// on while the caller prepares the next stage. `a` must stay untouched until they complete.
 template <class Tr, int kBlockM, int kTokens, bool kDual>
-__device__ __forceinline__ void compute_stage_wgmma(const Stage<Tr, kTokens, kDual>& st, const unsigned char* tokens_f16,
-                                                    float (&acc)[Tr::kWeights][Tr::kAcc], int row0) {
+__device__ __forceinline__ void issue_stage_wgmma(const unsigned char* tokens_f16, float (&acc)[Tr::kWeights][Tr::kAcc],
+                                                  unsigned (&a)[Tr::kWeights][kWgKSteps][4]) {
   using T = typename Tr::MmaT;
-  unsigned a[Tr::kWeights][kWgKSteps][4];
-  weight_fragments<Tr, kTokens, kDual>(st, row0, a);
   const unsigned long long desc = wgmma_desc(tokens_f16, kWgLbo, kWgSbo);
 #pragma unroll
   for (int w = 0; w < Tr::kWeights; ++w) wgmma_fence_operand(acc[w]);
@@ -470,9 +476,57 @@ __device__ __forceinline__ void compute_stage_wgmma(const Stage<Tr, kTokens, kDu
     for (int w = 0; w < Tr::kWeights; ++w)
       wgmma_m64k16_rs<kBlockM, T>(acc[w], a[w][s], wgmma_desc_advance(desc, 2 * s * kCoreBytes));
   wgmma_commit();
-  wgmma_wait<0>();
-#pragma unroll
-  for (int w = 0; w < Tr::kWeights; ++w) wgmma_fence_operand(acc[w]);
+}
+
+// W4A4 tokens of stage kt, dequantized: one of two buffers (the wgmmas of stage kt - 1 may still
+// read the other).
+template <class Tr>
+__device__ __forceinline__ unsigned char* token_buffer(unsigned char* bufs, int kt) {
+  return bufs + (kt & 1) * Tr::kTokenF16TileBytes;
+}
+
+// Once stage kt has landed and been published: W4A4 tokens dequantized into their buffer (and made
+// visible to the async proxy), and this thread's weight fragments of the stage dequantized into `a`.
+// W4A4 still needs a barrier before the stage's wgmmas read the token buffer.
+template <class Tr, int kTokens, bool kDual, int kBlockM>
+__device__ __forceinline__ void prepare_stage(const Stage<Tr, kTokens, kDual>& st, unsigned char* tokens_f16_bufs, int kt,
+                                              int row0, unsigned (&a)[Tr::kWeights][kWgKSteps][4]) {
+  if constexpr (kTokens == kTokensNVFP4) {
+    dequant_tokens<Tr, kTokens, kDual, kBlockM>(st, token_buffer<Tr>(tokens_f16_bufs, kt));
+    fence_proxy_async_shared();
+  }
+  weight_fragments<Tr, kTokens, kDual>(st, row0, a);
+  if constexpr (kTokens == kTokensNVFP4) __syncthreads();
+}
+
+// One stage of the pipeline. On entry `cur` holds stage kt's fragments and stage kt's tokens are
+// published; the wgmmas of stage kt - 1 (which read `nxt`) may be in flight. Issues stage kt's
+// wgmmas, waits for kt - 1's, then, while kt's run, publishes stage kt + 1, refills the buffer that
+// kt - 1 used with stage kt + kStages - 1, and dequantizes stage kt + 1 into `nxt`.
+//
+// cp.async groups: kStages - 1 before the loop, one per step; stage kt + 1 is group kt + 1, so at
+// most kStages - 3 newer groups may stay in flight.
+template <class Tr, int kBlockM, int kStages, int kTokens, bool kDual>
+__device__ __forceinline__ void wgmma_pipeline_step(unsigned char* smem, unsigned char* tokens_f16_bufs, const TileView& v,
+                                                    int kt, int row0, float (&acc)[Tr::kWeights][Tr::kAcc],
+                                                    unsigned (&cur)[Tr::kWeights][kWgKSteps][4],
+                                                    unsigned (&nxt)[Tr::kWeights][kWgKSteps][4]) {
+  using St = Stage<Tr, kTokens, kDual>;
+  static_assert(kStages >= 3, "the wgmma pipeline keeps a stage in the MMAs and one landing");
+  const St st{smem + (kt % kStages) * Tr::kStageBytes};
+  const unsigned char* tokens = kTokens == kTokensNVFP4 ? token_buffer<Tr>(tokens_f16_bufs, kt) : st.tokens();
+  issue_stage_wgmma<Tr, kBlockM, kTokens, kDual>(tokens, acc, cur);
+  wgmma_wait<1>();  // stage kt - 1's wgmmas are done: `nxt` and its buffers are free
+  fence_fragments<Tr>(nxt);
+  if (kt + 1 >= v.num_k_stages) return;
+  cp_async_wait<kStages - 3>();  // stage kt + 1 has landed (this thread's copies) ...
+  fence_proxy_async_shared();    // ... is visible to wgmma's operand reads ...
+  __syncthreads();               // ... for every thread's; no warpgroup still reads stage kt - 1
+  const int next = kt + kStages - 1;  // into the buffer of stage kt - 1
+  if (next < v.num_k_stages) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + (next % kStages) * Tr::kStageBytes}, v, next);
+  cp_async_commit();
+  prepare_stage<Tr, kTokens, kDual, kBlockM>(St{smem + ((kt + 1) % kStages) * Tr::kStageBytes}, tokens_f16_bufs, kt + 1,
+                                             row0, nxt);
 }
 
 // Same arguments and launch rules as group_gemm_kernel; WgmmaTraits::kThreads (256) threads per CTA.
@@ -516,23 +570,21 @@ __global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>:
       if (s < kts) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + s * Tr::kStageBytes}, v, s);
       cp_async_commit();
     }
-    for (int kt = 0; kt < kts; ++kt) {
-      cp_async_wait<kStages - 2>();  // stage kt has landed (this thread's copies) ...
-      fence_proxy_async_shared();    // ... is visible to wgmma's operand reads ...
-      __syncthreads();               // ... for every thread's; every warpgroup is done with stage kt - 1
-      const int next = kt + kStages - 1;
-      if (next < kts) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + (next % kStages) * Tr::kStageBytes}, v, next);
-      cp_async_commit();
-      const St st{smem + (kt % kStages) * Tr::kStageBytes};
-      const unsigned char* tokens_f16 = st.tokens();
-      if constexpr (kTokens == kTokensNVFP4) {
-        dequant_tokens<Tr, kTokens, kDual, kBlockM>(st, tokens_f16_buf);
-        fence_proxy_async_shared();
-        __syncthreads();
-        tokens_f16 = tokens_f16_buf;
-      }
-      compute_stage_wgmma<Tr, kBlockM, kTokens, kDual>(st, tokens_f16, acc, row0);
+    // Stage 0: landed, published, its fragments (and W4A4 tokens) dequantized.
+    unsigned a0[Tr::kWeights][kWgKSteps][4], a1[Tr::kWeights][kWgKSteps][4];
+    cp_async_wait<kStages - 2>();
+    fence_proxy_async_shared();
+    __syncthreads();
+    prepare_stage<Tr, kTokens, kDual, kBlockM>(St{smem}, tokens_f16_buf, 0, row0, a0);
+    // Two stages per trip so that the fragment buffers a0 / a1 are named at compile time.
+    for (int kt = 0; kt < kts; kt += 2) {
+      wgmma_pipeline_step<Tr, kBlockM, kStages, kTokens, kDual>(smem, tokens_f16_buf, v, kt, row0, acc, a0, a1);
+      if (kt + 1 < kts)
+        wgmma_pipeline_step<Tr, kBlockM, kStages, kTokens, kDual>(smem, tokens_f16_buf, v, kt + 1, row0, acc, a1, a0);
     }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int w = 0; w < Tr::kWeights; ++w) wgmma_fence_operand(acc[w]);
     cp_async_wait<0>();
 
     // Epilogue: acc[w][4j + e] is (weight row row0 + 8 (e >= 2), token 8j + 2t + (e & 1)).

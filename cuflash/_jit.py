@@ -401,13 +401,12 @@ def _device_props(device_id: int) -> dict:
     if props is None:
         with _lock:
             cp = require_cupy()
-            rt = cp.cuda.runtime
-            attr = lambda a: int(rt.deviceGetAttribute(a, device_id))  # noqa: E731
+            p = cp.cuda.runtime.getDeviceProperties(device_id)
             props = {
-                "cc": (attr(rt.cudaDevAttrComputeCapabilityMajor), attr(rt.cudaDevAttrComputeCapabilityMinor)),
-                "sms": attr(rt.cudaDevAttrMultiProcessorCount),
-                "smem_per_block_optin": attr(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin),
-                "smem_per_sm": attr(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor),
+                "cc": (int(p["major"]), int(p["minor"])),
+                "sms": int(p["multiProcessorCount"]),
+                "smem_per_block_optin": int(p["sharedMemPerBlockOptin"]),
+                "smem_per_sm": int(p["sharedMemPerMultiprocessor"]),
             }
             _device_info[device_id] = props
     return props

@@ -141,7 +141,8 @@ class GemmKernelConfig(_jit.KernelConfig):
         token_row = _WGMMA_TOKEN_TILE if self.arch == "hopper" else _TOKEN_PITCH
         if self.tokens == "nvfp4":
             stage += self.block_m * (_STAGE_PACKED + _STAGE_SCALES)
-            f16_buffer = self.block_m * token_row
+            # the wgmma kernel keeps two buffers (the MMAs of one stage read one while the next fills)
+            f16_buffer = self.block_m * token_row * (2 if self.arch == "hopper" else 1)
         else:
             stage += self.block_m * token_row
             f16_buffer = 0
@@ -150,6 +151,8 @@ class GemmKernelConfig(_jit.KernelConfig):
 
 _BLOCK_M_CHOICES = ((16, 1), (32, 1), (64, 1), (128, 2))  # (block_m, warps_m)
 _DUAL_TILE = (64, 2)
+# wgmma pipeline depth: one stage in the MMAs, one being dequantized, the rest landing
+_HOPPER_STAGES = 5
 
 
 def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable") -> GemmKernelConfig:
@@ -165,7 +168,7 @@ def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable
         # weight operand, so the portable tile sizes fit as they are (dual: 2 x 32 at 64 tokens).
         # Not yet measured on a GPU: the same token tiles as the portable kernel.
         bm = 64 if dual else next((b for b, _ in _BLOCK_M_CHOICES if rows_hint <= b), 128)
-        return GemmKernelConfig(tokens, bm, 1, dual=dual, arch="hopper")
+        return GemmKernelConfig(tokens, bm, 1, _HOPPER_STAGES, dual=dual, arch="hopper")
     if dual:
         # Two accumulator sets: 64 tokens over two warps keeps 64 fp32 accumulators per thread
         # per weight operand (a 64-token single warp would need 128 and spills at 255 registers).
@@ -189,8 +192,8 @@ def kernel_variants() -> list[GemmKernelConfig]:
         out += [GemmKernelConfig(tok, bm, wm) for bm, wm in _BLOCK_M_CHOICES]
         out.append(GemmKernelConfig(tok, *_DUAL_TILE, dual=True))
     for tok in _TOKEN_KINDS:
-        out += [GemmKernelConfig(tok, bm, 1, arch="hopper") for bm, _ in _BLOCK_M_CHOICES]
-        out.append(GemmKernelConfig(tok, 64, 1, dual=True, arch="hopper"))
+        out += [GemmKernelConfig(tok, bm, 1, _HOPPER_STAGES, arch="hopper") for bm, _ in _BLOCK_M_CHOICES]
+        out.append(GemmKernelConfig(tok, 64, 1, _HOPPER_STAGES, dual=True, arch="hopper"))
     return out
 
 

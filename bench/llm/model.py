@@ -70,6 +70,15 @@ def softmax(xp, x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def router_logits(xs, w):
+    """xs [T, H] @ w[E, H]^T. CuPy refuses cuBLAS inside a CUDA graph capture, so small (decode-sized)
+    products are a broadcast multiply and a reduction, both plain kernels; large ones (prefill, never
+    captured) go to the BLAS. The choice depends on the shape alone, so eager and captured steps agree."""
+    if xs.shape[0] * w.shape[0] * w.shape[1] <= 1 << 24:
+        return (xs[:, None, :] * w[None, :, :]).sum(axis=2)
+    return xs @ w.T
+
+
 def top_k_route(xp, router_logits, k: int):
     """Mixtral routing: softmax over all experts, the k largest probabilities, renormalised.
 
@@ -250,7 +259,7 @@ class Runner:
         """Top-k MoE: route in the state dtype, regroup rows by expert, two ragged GEMMs, weighted sum back."""
         xp, ws, ops, spec, lw = self.xp, self.ws, self.ops, self.spec, self.w.layers[layer]
         T, k, I = x.shape[0], spec.top_k, spec.intermediate
-        experts, weights = top_k_route(xp, xs @ self.routers[layer].T, k)
+        experts, weights = top_k_route(xp, router_logits(xs, self.routers[layer]), k)
         offsets, dest = expert_layout(xp, experts, spec.experts)
         self.moe_offsets[...] = offsets
         offsets = self.moe_offsets

@@ -65,6 +65,13 @@ __device__ __forceinline__ void wgmma_fence_operand(float (&d)[kN]) {
   for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// The same for register A operands of a wgmma in flight: kept live (and unmodified) until this point.
+template <int kN>
+__device__ __forceinline__ void wgmma_fence_operand(unsigned (&r)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
 // Makes this thread's ordinary (generic-proxy) shared-memory writes, cp.async included, visible to
 // the async proxy (wgmma operand reads); put it before the barrier that publishes the data.
 __device__ __forceinline__ void fence_proxy_async_shared() {

@@ -67,7 +67,13 @@ struct Fiber {
   std::vector<std::pair<size_t, int>> unfenced;
   // wgmma.mma_async: results computed at issue, written to the accumulator registers only when
   // wgmma.wait_group retires their commit group (the registers read NaN until then)
-  struct Wgmma { float* d; int n; std::vector<float> value; unsigned long group; };
+  // An issued wgmma: its result (written to d when its group retires) and what it read (B rows of
+  // shared memory, A registers), compared again at retirement: real wgmmas read their operands at
+  // some time in flight, so an operand changed before wait_group is a race.
+  struct Wgmma {
+    float* d; int n; std::vector<float> value; unsigned long group;
+    const unsigned* a; unsigned a_seen[4]; std::vector<size_t> b_rows; std::vector<unsigned char> b_seen;
+  };
   std::vector<Wgmma> wg_pending;
   unsigned long wg_committed = 0;
   bool wg_fenced = false;  // a wgmma.fence since the last wgmma.wait_group (or the start)

@@ -99,11 +99,15 @@ inline void mma_rs(float* d, const unsigned (&a)[4], unsigned long long desc) {
   for (int i = 0; i < kWarpgroupThreads; ++i)
     if (ops(i).desc != desc) ::cuemu::fail("wgmma.mma_async: the warpgroup's threads passed different B descriptors (" + hex(ops(i).desc) + " vs " + hex(desc) + ")");
   const Desc b = decode(desc);
+  std::vector<size_t> b_rows;
+  std::vector<unsigned char> b_seen;
   // B(k, n): 16-bit element of the K-major no-swizzle layout; every core-matrix row read is checked.
   auto B = [&](int k, int n) {
     const size_t off = b.start + (k / 8) * b.lbo + (n / 8) * b.sbo + (n % 8) * 16 + (k % 8) * 2;
     if (k % 8 == 0) {
       ::cuemu::check_smem(s.smem + off, 16, 16, "wgmma.mma_async B core-matrix row");
+      b_rows.push_back(off);
+      b_seen.insert(b_seen.end(), s.smem + off, s.smem + off + 16);
       for (int i = 0; i < 16; ++i)
         if (s.unfenced_owner[off + i])
           ::cuemu::fail("wgmma.mma_async reads shared memory that thread " + std::to_string(s.unfenced_owner[off + i] - 1) +
@@ -133,7 +137,8 @@ inline void mma_rs(float* d, const unsigned (&a)[4], unsigned long long desc) {
     out[i] = static_cast<float>(acc);
   }
   ::cuemu::warpgroup_sync();
-  f.wg_pending.push_back({d, kN / 2, std::move(out), f.wg_committed});
+  f.wg_pending.push_back({d, kN / 2, std::move(out), f.wg_committed, a, {a[0], a[1], a[2], a[3]}, std::move(b_rows),
+                          std::move(b_seen)});
   for (int i = 0; i < kN / 2; ++i) d[i] = std::nanf("");  // in flight: undefined until wait_group
 }
 
@@ -175,8 +180,18 @@ __device__ __forceinline__ void wgmma_wait() {
   const long long limit = static_cast<long long>(f.wg_committed) - kPending;  // groups < limit retire
   std::vector<::cuemu::Fiber::Wgmma> keep;
   for (auto& p : f.wg_pending) {
-    if (static_cast<long long>(p.group) < limit) std::memcpy(p.d, p.value.data(), sizeof(float) * p.n);
-    else keep.push_back(std::move(p));
+    if (static_cast<long long>(p.group) < limit) {
+      for (int i = 0; i < 4; ++i)
+        if (p.a[i] != p.a_seen[i])
+          ::cuemu::fail("thread " + std::to_string(f.linear) + ": a wgmma's A registers changed before its wait_group");
+      for (size_t r = 0; r < p.b_rows.size(); ++r)
+        if (std::memcmp(::cuemu::S().smem + p.b_rows[r], p.b_seen.data() + 16 * r, 16))
+          ::cuemu::fail("thread " + std::to_string(f.linear) + ": shared memory a wgmma reads (B row at byte " +
+                        std::to_string(p.b_rows[r]) + ") was overwritten before its wait_group");
+      std::memcpy(p.d, p.value.data(), sizeof(float) * p.n);
+    } else {
+      keep.push_back(std::move(p));
+    }
   }
   f.wg_pending.swap(keep);
   f.wg_fenced = false;
@@ -184,6 +199,9 @@ __device__ __forceinline__ void wgmma_wait() {
 
 template <int kN>
 __device__ __forceinline__ void wgmma_fence_operand(float (&)[kN]) {}
+
+template <int kN>
+__device__ __forceinline__ void wgmma_fence_operand(unsigned (&)[kN]) {}
 
 __device__ __forceinline__ void fence_proxy_async_shared() { ::cuemu::proxy_fence(); }
 

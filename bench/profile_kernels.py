@@ -1,0 +1,76 @@
+"""Runs one kernel of one benchmark case a few times, for a profiler to look at (no timing here):
+
+    ncu --set full -k regex:group_gemm --launch-skip 2 --launch-count 1 python3 bench/profile_kernels.py gemm-w4a16
+    python3 bench/profile_kernels.py --list
+
+Cases: the first GPU MODE group GEMM case (G=8, M=128, N=4096, K=7168) in W4A4 and W4A16 form, and
+the attention benchmark's prefill B=1 S=4096 and decode B=1 S=32768 (32 query heads, 8 KV heads,
+head dim 128). Set CUFLASH_GEMM_WGMMA=1 for the Hopper GEMM kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import require_gpu_or_exit  # noqa: E402
+
+
+def gemm_case(cp, rng, tokens: str):
+    from cuflash import gemm
+
+    G, M, N, K = 8, 128, 4096, 7168
+    bits = lambda *shape: cp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))  # noqa: E731
+    # e4m3 scales in [2^-3, 2): exponent fields 4 .. 7, any mantissa, positive
+    scales = lambda rows: cp.asarray(rng.integers(0x20, 0x40, (rows, K // 16), dtype=np.uint8))  # noqa: E731
+    B = [bits(N, K // 2) for _ in range(G)]
+    SB = [scales(N) for _ in range(G)]
+    if tokens == "w4a4":
+        A, SA = [bits(M, K // 2) for _ in range(G)], [scales(M) for _ in range(G)]
+    else:
+        A, SA = [cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(cp.float16) for _ in range(G)], None
+    out = [cp.empty((M, N), dtype=cp.float16) for _ in range(G)]
+    return lambda: gemm.group_gemm(A, B, SA, SB, out=out)
+
+
+def attention_case(cp, rng, decode: bool):
+    import bench_attention as BA
+
+    batch, q_len, kv_len, page = (1, 1, 32768, 16) if decode else (1, 4096, 4096, BA.PREFILL_PAGE_SIZE)
+    d = BA.build(cp, rng, batch, q_len, kv_len, page)
+    return lambda: d["plan"].run(d["q"], d["k_pages"], d["v_pages"], d["table"], d["lens"], out=d["out"])
+
+
+CASES = {
+    "gemm-w4a4": lambda cp, rng: gemm_case(cp, rng, "w4a4"),
+    "gemm-w4a16": lambda cp, rng: gemm_case(cp, rng, "w4a16"),
+    "attn-prefill": lambda cp, rng: attention_case(cp, rng, False),
+    "attn-decode": lambda cp, rng: attention_case(cp, rng, True),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("case", nargs="?", choices=sorted(CASES))
+    ap.add_argument("--runs", type=int, default=4)
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    if args.list or not args.case:
+        print("\n".join(sorted(CASES)))
+        return 0
+    require_gpu_or_exit()
+    import cupy as cp
+
+    fn = CASES[args.case](cp, np.random.default_rng(0))
+    for _ in range(args.runs):
+        fn()
+    cp.cuda.Device().synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
