@@ -152,44 +152,86 @@ struct Stage {
   __device__ __forceinline__ unsigned char* token_scales() const { return tokens() + Tr::kTokenBytes; }
 };
 
-// Issue the cp.async copies of stage kt of a tile into `st` (every thread takes a share).
+// The cp.async copies one thread issues for every stage of a tile. Copy j of a thread is item
+// threadIdx.x + j * kThreads of its operand; its global source is computed once per tile (rows past
+// the edge clamped to the last valid row: always in bounds, results never stored) and moves by a
+// fixed stride per stage, so a stage costs one address add and one copy per item. Threads split
+// every operand evenly (kThreads is a multiple of the 16-byte chunks per row), so item rows advance
+// by a constant and each copy's shared-memory offset is a compile-time step from the first.
 template <class Tr, int kTokens, bool kDual, int kBlockM>
-__device__ __forceinline__ void load_stage(const Stage<Tr, kTokens, kDual>& st, const TileView& v, int kt) {
-  const int tid = threadIdx.x;
-  // weights: 128 rows x 2 chunks of 16 bytes, + 4 scale bytes per row
+struct TileLoader {
+  static constexpr int kT = Tr::kThreads;
+  static constexpr int kWeightItems = kBlockN * 2;  // 16-byte chunks of weights per operand and stage
+  static constexpr int kTokenChunks = kTokens == kTokensNVFP4 ? 2 : kStageK * 2 / 16;  // per token row
+  static constexpr int kTokenItems = kBlockM * kTokenChunks;
+  static constexpr int kW = (kWeightItems + kT - 1) / kT;
+  static constexpr int kWs = (kBlockN + kT - 1) / kT;
+  static constexpr int kTok = (kTokenItems + kT - 1) / kT;
+  static constexpr int kTs = kTokens == kTokensNVFP4 ? (kBlockM + kT - 1) / kT : 0;
+  static_assert(kT % kTokenChunks == 0 && kT % 2 == 0, "each thread keeps one chunk column");
+  static constexpr int kTokenBytesPerStage = kTokens == kTokensNVFP4 ? kStagePackedBytes : kStageK * 2;
+
+  const unsigned char* w[Tr::kWeights][kW];
+  const unsigned char* ws[Tr::kWeights][kWs];
+  const unsigned char* tok[kTok];
+  const unsigned char* ts[kTs > 0 ? kTs : 1];
+  int scale_step;  // bytes between the scale words of consecutive stages: 4 plain, 512 blocked
+
+  __device__ __forceinline__ explicit TileLoader(const TileView& v) {
+    const int tid = threadIdx.x;
+    scale_step = v.blocked ? kAtomBytes : kStageScales;
 #pragma unroll
-  for (int w = 0; w < Tr::kWeights; ++w) {
-    for (int i = tid; i < kBlockN * 2; i += Tr::kThreads) {
-      const int r = i >> 1, chunk = i & 1;
-      const int grow = min(v.n0 + r, v.n - 1);
-      cp_async_16(st.weights(w) + r * kStagePackedBytes + chunk * 16,
-                  v.b[w] + grow * v.b_row + kt * kStagePackedBytes + chunk * 16);
+    for (int o = 0; o < Tr::kWeights; ++o) {
+#pragma unroll
+      for (int j = 0; j < kW; ++j) {
+        const int i = tid + j * kT, r = i >> 1;
+        w[o][j] = v.b[o] + min(v.n0 + r, v.n - 1) * v.b_row + (i & 1) * 16;
+      }
+#pragma unroll
+      for (int j = 0; j < kWs; ++j)
+        ws[o][j] = scale_ptr(v.sfb[o], min(v.n0 + tid + j * kT, v.n - 1), 0, v.sfb_row, v.blocked, v.num_k_stages);
     }
-    for (int r = tid; r < kBlockN; r += Tr::kThreads) {
-      const int grow = min(v.n0 + r, v.n - 1);
-      cp_async_4(st.weight_scales(w) + r * kStageScales, scale_ptr(v.sfb[w], grow, kt, v.sfb_row, v.blocked, v.num_k_stages));
+#pragma unroll
+    for (int j = 0; j < kTok; ++j) {
+      const int i = tid + j * kT, r = i / kTokenChunks;
+      tok[j] = v.a + (v.row_base + min(v.m0 + r, v.rows - 1)) * v.a_row + (i % kTokenChunks) * 16;
     }
+#pragma unroll
+    for (int j = 0; j < kTs; ++j)
+      ts[j] = scale_ptr(v.sfa, v.row_base + min(v.m0 + tid + j * kT, v.rows - 1), 0, v.sfa_row, v.blocked,
+                        v.num_k_stages);
   }
-  if constexpr (kTokens == kTokensNVFP4) {
-    for (int i = tid; i < kBlockM * 2; i += Tr::kThreads) {
-      const int r = i >> 1, chunk = i & 1;
-      const int grow = v.row_base + min(v.m0 + r, v.rows - 1);
-      cp_async_16(st.tokens() + r * kStagePackedBytes + chunk * 16,
-                  v.a + grow * v.a_row + kt * kStagePackedBytes + chunk * 16);
+
+  // Issue stage kt's copies into `st`.
+  __device__ __forceinline__ void load(const Stage<Tr, kTokens, kDual>& st, int kt) const {
+    const int tid = threadIdx.x;
+    const long long sc = static_cast<long long>(kt) * scale_step;
+#pragma unroll
+    for (int o = 0; o < Tr::kWeights; ++o) {
+#pragma unroll
+      for (int j = 0; j < kW; ++j)
+        if (kWeightItems % kT == 0 || tid + j * kT < kWeightItems)
+          cp_async_16(st.weights(o) + (tid + j * kT) * 16, w[o][j] + kt * kStagePackedBytes);
+#pragma unroll
+      for (int j = 0; j < kWs; ++j)
+        if (kBlockN % kT == 0 || tid + j * kT < kBlockN)
+          cp_async_4(st.weight_scales(o) + (tid + j * kT) * kStageScales, ws[o][j] + sc);
     }
-    for (int r = tid; r < kBlockM; r += Tr::kThreads) {
-      const int grow = v.row_base + min(v.m0 + r, v.rows - 1);
-      cp_async_4(st.token_scales() + r * kStageScales, scale_ptr(v.sfa, grow, kt, v.sfa_row, v.blocked, v.num_k_stages));
+#pragma unroll
+    for (int j = 0; j < kTok; ++j) {
+      const int i = tid + j * kT;
+      if (kTokenItems % kT == 0 || i < kTokenItems) {
+        unsigned char* dst = kTokens == kTokensNVFP4 ? st.tokens() + i * 16
+                                                     : st.tokens() + Tr::token_chunk_offset(i / kTokenChunks, i % kTokenChunks);
+        cp_async_16(dst, tok[j] + kt * kTokenBytesPerStage);
+      }
     }
-  } else {
-    constexpr int kChunks = kStageK * 2 / 16;  // 8 chunks of 16 bytes per row and stage
-    for (int i = tid; i < kBlockM * kChunks; i += Tr::kThreads) {
-      const int r = i / kChunks, chunk = i % kChunks;
-      const int grow = v.row_base + min(v.m0 + r, v.rows - 1);
-      cp_async_16(st.tokens() + Tr::token_chunk_offset(r, chunk), v.a + grow * v.a_row + kt * (kStageK * 2) + chunk * 16);
-    }
+#pragma unroll
+    for (int j = 0; j < kTs; ++j)
+      if (kBlockM % kT == 0 || tid + j * kT < kBlockM)
+        cp_async_4(st.token_scales() + (tid + j * kT) * kStageScales, ts[j] + sc);
   }
-}
+};
 
 // W4A4: dequantize the stage's packed tokens into the fp16 buffer, natural K order, each 16-byte
 // chunk where Tr::token_chunk_offset puts it.
@@ -278,7 +320,7 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
                       int blocked_scales, int out_dtype) {
   using Tr = GemmTraits<kBlockM, kWarpsM, kStages, kTokens, kDual>;
   using St = Stage<Tr, kTokens, kDual>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   int* prefix = reinterpret_cast<int*>(smem + Tr::kPipeBytes);
   unsigned char* tokens_f16_buf = smem + kStages * Tr::kStageBytes;  // W4A4 only
 
@@ -296,6 +338,7 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
     const int m_tiles = ceil_div_dev(rows.rows, kBlockM);
 
     const TileView v = make_tile_view<kDual>(p, rows, local, m_tiles, kBlockM, blocked_scales != 0);
+    const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
 
     float acc[Tr::kWeights][kMmaTilesN][Tr::kMmaTilesM][4];
 #pragma unroll
@@ -312,14 +355,14 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
     const int kts = v.num_k_stages;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < kts) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + s * Tr::kStageBytes}, v, s);
+      if (s < kts) loader.load(St{smem + s * Tr::kStageBytes}, s);
       cp_async_commit();  // empty groups keep the count uniform
     }
     for (int kt = 0; kt < kts; ++kt) {
       cp_async_wait<kStages - 2>();  // stage kt has landed (for this thread's copies) ...
       __syncthreads();               // ... for every thread's; all are done with stage kt - 1
       const int next = kt + kStages - 1;
-      if (next < kts) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + (next % kStages) * Tr::kStageBytes}, v, next);
+      if (next < kts) loader.load(St{smem + (next % kStages) * Tr::kStageBytes}, next);
       cp_async_commit();
       const St st{smem + (kt % kStages) * Tr::kStageBytes};
       const unsigned char* tokens_f16 = st.tokens();
@@ -508,7 +551,7 @@ __device__ __forceinline__ void prepare_stage(const Stage<Tr, kTokens, kDual>& s
 // most kStages - 3 newer groups may stay in flight.
 template <class Tr, int kBlockM, int kStages, int kTokens, bool kDual>
 __device__ __forceinline__ void wgmma_pipeline_step(unsigned char* smem, unsigned char* tokens_f16_bufs, const TileView& v,
-                                                    int kt, int row0, float (&acc)[Tr::kWeights][Tr::kAcc],
+                                                    const TileLoader<Tr, kTokens, kDual, kBlockM>& loader, int kt, int row0, float (&acc)[Tr::kWeights][Tr::kAcc],
                                                     unsigned (&cur)[Tr::kWeights][kWgKSteps][4],
                                                     unsigned (&nxt)[Tr::kWeights][kWgKSteps][4]) {
   using St = Stage<Tr, kTokens, kDual>;
@@ -523,7 +566,7 @@ __device__ __forceinline__ void wgmma_pipeline_step(unsigned char* smem, unsigne
   fence_proxy_async_shared();    // ... is visible to wgmma's operand reads ...
   __syncthreads();               // ... for every thread's; no warpgroup still reads stage kt - 1
   const int next = kt + kStages - 1;  // into the buffer of stage kt - 1
-  if (next < v.num_k_stages) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + (next % kStages) * Tr::kStageBytes}, v, next);
+  if (next < v.num_k_stages) loader.load(St{smem + (next % kStages) * Tr::kStageBytes}, next);
   cp_async_commit();
   prepare_stage<Tr, kTokens, kDual, kBlockM>(St{smem + ((kt + 1) % kStages) * Tr::kStageBytes}, tokens_f16_bufs, kt + 1,
                                              row0, nxt);
@@ -555,6 +598,7 @@ __global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>:
     const int m_tiles = ceil_div_dev(rows.rows, kBlockM);
 
     const TileView v = make_tile_view<kDual>(p, rows, local, m_tiles, kBlockM, blocked_scales != 0);
+    const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
 
     float acc[Tr::kWeights][Tr::kAcc];
 #pragma unroll
@@ -567,7 +611,7 @@ __global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>:
     const int kts = v.num_k_stages;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < kts) load_stage<Tr, kTokens, kDual, kBlockM>(St{smem + s * Tr::kStageBytes}, v, s);
+      if (s < kts) loader.load(St{smem + s * Tr::kStageBytes}, s);
       cp_async_commit();
     }
     // Stage 0: landed, published, its fragments (and W4A4 tokens) dequantized.
@@ -578,9 +622,9 @@ __global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>:
     prepare_stage<Tr, kTokens, kDual, kBlockM>(St{smem}, tokens_f16_buf, 0, row0, a0);
     // Two stages per trip so that the fragment buffers a0 / a1 are named at compile time.
     for (int kt = 0; kt < kts; kt += 2) {
-      wgmma_pipeline_step<Tr, kBlockM, kStages, kTokens, kDual>(smem, tokens_f16_buf, v, kt, row0, acc, a0, a1);
+      wgmma_pipeline_step<Tr, kBlockM, kStages, kTokens, kDual>(smem, tokens_f16_buf, v, loader, kt, row0, acc, a0, a1);
       if (kt + 1 < kts)
-        wgmma_pipeline_step<Tr, kBlockM, kStages, kTokens, kDual>(smem, tokens_f16_buf, v, kt + 1, row0, acc, a1, a0);
+        wgmma_pipeline_step<Tr, kBlockM, kStages, kTokens, kDual>(smem, tokens_f16_buf, v, loader, kt + 1, row0, acc, a1, a0);
     }
     wgmma_wait<0>();
 #pragma unroll
