@@ -171,6 +171,18 @@ struct TileLoader {
   static_assert(kT % kTokenChunks == 0 && kT % 2 == 0, "each thread keeps one chunk column");
   static constexpr int kTokenBytesPerStage = kTokens == kTokensNVFP4 ? kStagePackedBytes : kStageK * 2;
 
+  // fp16/bf16 token item i: chunk c of row r, eight rows of one chunk per 8 consecutive items, so that
+  // the 16-byte shared-memory writes of 8 threads fill 8 distinct bank groups in both layouts (the
+  // padded rows of the portable kernel, the core matrices of the wgmma kernel); a warp still reads
+  // 64 contiguous bytes of each of 8 rows. Packed NVFP4 tokens: 2 chunks per row, natural order.
+  __device__ __forceinline__ static int token_row(int i) {
+    return kTokens == kTokensNVFP4 ? i >> 1 : (i & 7) + 8 * (i / (8 * kTokenChunks));
+  }
+  __device__ __forceinline__ static int token_chunk(int i) {
+    return kTokens == kTokensNVFP4 ? i & 1 : (i >> 3) % kTokenChunks;
+  }
+  static_assert(kTokens == kTokensNVFP4 || kBlockM % 8 == 0, "token rows in groups of 8");
+
   const unsigned char* w[Tr::kWeights][kW];
   const unsigned char* ws[Tr::kWeights][kWs];
   const unsigned char* tok[kTok];
@@ -193,8 +205,8 @@ struct TileLoader {
     }
 #pragma unroll
     for (int j = 0; j < kTok; ++j) {
-      const int i = tid + j * kT, r = i / kTokenChunks;
-      tok[j] = v.a + (v.row_base + min(v.m0 + r, v.rows - 1)) * v.a_row + (i % kTokenChunks) * 16;
+      const int i = tid + j * kT, r = token_row(i);
+      tok[j] = v.a + (v.row_base + min(v.m0 + r, v.rows - 1)) * v.a_row + token_chunk(i) * 16;
     }
 #pragma unroll
     for (int j = 0; j < kTs; ++j)
@@ -222,7 +234,7 @@ struct TileLoader {
       const int i = tid + j * kT;
       if (kTokenItems % kT == 0 || i < kTokenItems) {
         unsigned char* dst = kTokens == kTokensNVFP4 ? st.tokens() + i * 16
-                                                     : st.tokens() + Tr::token_chunk_offset(i / kTokenChunks, i % kTokenChunks);
+                                                     : st.tokens() + Tr::token_chunk_offset(token_row(i), token_chunk(i));
         cp_async_16(dst, tok[j] + kt * kTokenBytesPerStage);
       }
     }
@@ -238,7 +250,9 @@ struct TileLoader {
 template <class Tr, int kTokens, bool kDual, int kBlockM>
 __device__ __forceinline__ void dequant_tokens(const Stage<Tr, kTokens, kDual>& st, unsigned char* dst) {
   for (int i = threadIdx.x; i < kBlockM * kStageScales; i += Tr::kThreads) {
-    const int r = i / kStageScales, blk = i % kStageScales;  // one scale block of 16 values
+    // one scale block of 16 values: 32 consecutive items read 8 rows x 4 blocks (256 contiguous
+    // bytes), and each 8 of them write one chunk of 8 rows (distinct bank groups in both layouts)
+    const int r = (i & 7) + 8 * (i / (8 * kStageScales)), blk = (i >> 3) % kStageScales;
     const uint2 packed = *reinterpret_cast<const uint2*>(st.tokens() + r * kStagePackedBytes + blk * 8);
     const __half2 factor = scale_factor(st.token_scales()[r * kStageScales + blk]);
     const Pairs4 lo = dequant_e2m1x8_f16(packed.x, factor);
