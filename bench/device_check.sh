@@ -33,7 +33,10 @@ run_stage() {
 for s in "${stages[@]}"; do
   case $s in
     info) run_stage info python3 -m cuflash info ;;
-    tests) run_stage tests python3 -m pytest -m gpu -q -rfEs tests ;;
+    # the GEMM tests once more on the portable kernel (on an H100 the default picks wgmma for some calls)
+    tests) run_stage tests python3 -m pytest -m gpu -q -rfEs tests
+           run_stage tests-portable-gemm env CUFLASH_GEMM_WGMMA=0 python3 -m pytest -m gpu -q -rfEs \
+             tests/test_gemm.py tests/test_gpumode.py ;;
     # small cases only: the sanitizers slow kernels down 10-100x
     sanitize)
       run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \

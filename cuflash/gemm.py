@@ -200,15 +200,26 @@ def kernel_variants() -> list[GemmKernelConfig]:
 WGMMA_ENV = "CUFLASH_GEMM_WGMMA"
 
 
-def _wgmma_requested() -> bool:
-    return os.environ.get(WGMMA_ENV) == "1"
+def hopper_is_faster(tokens: str, dual: bool, rows_hint: int, ragged: bool = False) -> bool:
+    """Where the wgmma kernel beat the portable one on the H100 (bench/bench_group_gemm.py, both
+    kernels in one session, bench/results/bench_group_gemm*.json, 2026-11-23): every dual GEMM case
+    (W4A4 and W4A16, 3-10%) and the W4A4 group GEMMs of 128 and 256 tokens per group (6-23%); the
+    portable kernel won the W4A16 group GEMMs (7-37%) and the MoE decode, ragged with a few tokens per
+    expert (16-33%)."""
+    if ragged:
+        return False
+    return dual or (tokens == "nvfp4" and rows_hint > 32)
 
 
-def launch_arch(device_id: int) -> str:
-    """"hopper" (the wgmma kernel) when ``CUFLASH_GEMM_WGMMA=1`` and the device is compute
-    capability 9.0, else "portable". Opt-in: the wgmma kernel is verified only in the CPU emulator
-    (tests/test_emulated_kernels.py) until it has run on a GPU."""
-    if _wgmma_requested() and _jit.device_cc(device_id) == (9, 0):
+def launch_arch(device_id: int, tokens: str = "nvfp4", dual: bool = False, rows_hint: int = 0,
+                ragged: bool = False) -> str:
+    """The GEMM kernel for a call: "hopper" (wgmma, compute capability 9.0 only) or "portable"
+    (mma.sync). ``CUFLASH_GEMM_WGMMA=1`` takes the wgmma kernel wherever the device allows it,
+    ``CUFLASH_GEMM_WGMMA=0`` never; unset, :func:`hopper_is_faster` decides."""
+    env = os.environ.get(WGMMA_ENV)
+    if env == "0" or _jit.device_cc(device_id) != (9, 0):
+        return "portable"
+    if env == "1" or hopper_is_faster(tokens, dual, rows_hint, ragged):
         return "hopper"
     return "portable"
 
@@ -909,7 +920,8 @@ def _group_gemm(a, b, sfa, sfb, alpha, out, out_dtype, scale_layout, *, key=None
                 results.append(y)
                 out_ptrs.append(ptrs)
         table = build_table(prods, [(ptr, row, l * itemsize) for ptr, row, l in out_ptrs])
-        cfg = choose_config(tokens, False, max(p.m for p in prods), launch_arch(ctx.device_id))
+        rows_hint = max(p.m for p in prods)
+        cfg = choose_config(tokens, False, rows_hint, launch_arch(ctx.device_id, tokens, False, rows_hint))
         tiles = tile_count([p.m for p in prods for _ in range(p.L)], [p.n for p in prods for _ in range(p.L)], cfg.block_m)
         plan = _prepare_and_launch(ctx, cp, cfg, table, tiles, None, blocked, odt, key=key, copied=copied,
                                    launch=launch)
@@ -971,7 +983,8 @@ def _group_gemm_ragged(a, b, sfa, sfb, offsets, alpha, out, out_dtype, scale_lay
             y = out
             optr, orow = rg.out.ptr, rg.out.row_stride // itemsize
         table = build_ragged_table(rg, optr, orow)
-        cfg = choose_config(tokens, False, V.ceil_div(rg.total_m, rg.groups), launch_arch(ctx.device_id))
+        rows_hint = V.ceil_div(rg.total_m, rg.groups)
+        cfg = choose_config(tokens, False, rows_hint, launch_arch(ctx.device_id, tokens, False, rows_hint, ragged=True))
         bound = ragged_tile_bound(rg.total_m, rg.groups, rg.n, cfg.block_m)
         plan = _prepare_and_launch(ctx, cp, cfg, table, bound, offsets, blocked, odt, key=key, copied=copied,
                                    launch=launch)
@@ -1020,7 +1033,7 @@ def _dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1, alpha2, out, out_dtype, scale
         else:
             y, ptrs = _alloc_out(cp, prod.m, prod.n, prod.L, len(a.shape), odt)
         table = build_table([prod], [(ptrs[0], ptrs[1], ptrs[2] * itemsize)])
-        cfg = choose_config(tokens, True, prod.m, launch_arch(ctx.device_id))
+        cfg = choose_config(tokens, True, prod.m, launch_arch(ctx.device_id, tokens, True, prod.m))
         tiles = tile_count([prod.m] * prod.L, [prod.n] * prod.L, cfg.block_m)
         plan = _prepare_and_launch(ctx, cp, cfg, table, tiles, None, blocked, odt, key=key, copied=copied,
                                    launch=launch)

@@ -595,7 +595,7 @@ def test_plan_runs_and_replays_in_a_cuda_graph(cp, rng):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hopper wgmma variant (opt-in: CUFLASH_GEMM_WGMMA=1 on a compute capability 9.0 device)
+# Hopper wgmma variant (forced with CUFLASH_GEMM_WGMMA=1 on a compute capability 9.0 device)
 # ----------------------------------------------------------------------------------------------
 
 
