@@ -718,7 +718,7 @@ def _array_key(x):
 def _launch_key(kind: str, arrays: tuple, options: tuple):
     """Cache key of a call, or None when it is not cacheable (no `out`, or non-GPU arguments)."""
     try:
-        return (kind, _array_key(arrays), options, _wgmma_requested())  # the env var picks the kernel
+        return (kind, _array_key(arrays), options, os.environ.get(WGMMA_ENV))  # the env var picks the kernel
     except TypeError:
         return None
 

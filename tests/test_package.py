@@ -73,3 +73,17 @@ def test_gpu_entry_points_raise_clearly_without_a_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(_jit.CuflashUnavailableError, match="cuflash needs a CUDA GPU here"):
         _jit.require_gpu()
+
+
+def test_no_undefined_names_or_unused_imports():
+    """pyflakes over the package, the tests and the benchmarks: an undefined name in a GPU-only path
+    would otherwise first fail on the device."""
+    pyflakes_api = pytest.importorskip("pyflakes.api")
+    from pyflakes import reporter as pyflakes_reporter
+    import io
+
+    root = Path(__file__).resolve().parent.parent
+    out, err = io.StringIO(), io.StringIO()
+    paths = [str(root / d) for d in ("cuflash", "tests", "bench") if (root / d).is_dir()]
+    n = pyflakes_api.checkRecursive(paths, pyflakes_reporter.Reporter(out, err))
+    assert n == 0, out.getvalue() + err.getvalue()
