@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute on the benchmark cases of bench/profile_kernels.py, one text report each into $OUT
 # (run from the repository root on the device). Sections: speed of light, compute and memory
-# workload, scheduler and warp-state statistics (stall reasons), occupancy, launch statistics.
+# workload, scheduler and warp-state statistics, occupancy, launch and instruction statistics, source
+# counters (uncoalesced global and shared accesses), and every warp stall reason.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUFLASH_CACHE_DIR=${CUFLASH_CACHE_DIR:-/tmp/cuflash-cache}
@@ -9,7 +10,9 @@ OUT=${OUT:-/tmp/cuflash-out}
 mkdir -p "$OUT"
 sections=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
           --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats
-          --section InstructionStats)
+          --section InstructionStats --section SourceCounters
+          # every stall reason, in cycles per issued instruction (the sections print only the top ones)
+          --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio')
 prof() {  # name kernel-regex case [env...]
   local name=$1 kernel=$2 case=$3; shift 3
   echo "=== $name"
