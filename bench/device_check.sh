@@ -2,7 +2,7 @@
 # One visit to the lent GPU (see ../shared/DEVICE.md): run from the repository root on the device,
 #   bash bench/device_check.sh [stage ...]
 # stages: info tests sanitize bench-quant bench-gemm bench-gemm-wgmma bench-attn bench-llm (the default:
-# all of these, in that order), and on request llm-diagnose (bench/llm_diagnose.py) and profile
+# all of these, in that order), and on request llm-diagnose (bench/llm_diagnose.py), sweep (bench/sweep.py) and profile
 # (bench/profile_device.sh: Nsight Compute reports). Logs and JSON go to a work folder that is packed after every stage
 # into $OUT/results.tgz (the device tool returns at most 8 files a call). Each stage runs under its own
 # time limit (STAGE_TIMEOUT seconds, default 240) and keeps its exit status; a summary comes last.
@@ -50,6 +50,7 @@ for s in "${stages[@]}"; do
     bench-llm) run_stage bench-llm python3 bench/bench_llm.py --json "$work/bench_llm.json" ;;
     bench-attn) run_stage bench-attn python3 bench/bench_attention.py --json "$work/bench_attention.json" ;;
     llm-diagnose) run_stage llm-diagnose python3 bench/llm_diagnose.py --arch llama ;;
+    sweep) run_stage sweep python3 bench/sweep.py --json "$work/sweep.json" ;;
     profile) run_stage profile env OUT="$work" bash bench/profile_device.sh ;;
     *) echo "unknown stage $s" | tee -a "$summary" ;;
   esac
