@@ -28,6 +28,36 @@ def test_every_kernel_variant_compiles(config, arch):
     assert set(mod.lowered) == set(config.name_expressions())
 
 
+def _sweep_variants():
+    """The variants bench/sweep.py times on the GPU (not chosen by the heuristics; compiled here so a
+    device visit never finds one broken), for sm_90 / sm_90a."""
+    import sys
+    from pathlib import Path
+
+    from cuflash import attention, gemm
+
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import sweep
+
+    out = []
+    for tok in ("nvfp4", "float16"):
+        out += [gemm.GemmKernelConfig(tok, bm, wm, st) for bm, wm, st in sweep.PORTABLE]
+        out += [gemm.GemmKernelConfig(tok, bm, 1, st, arch="hopper") for bm, st in sweep.HOPPER]
+    for bn, w, st in sweep.DECODE_CONFIGS + sweep.PREFILL_CONFIGS:
+        out.append(attention.AttentionConfig("float16", 128, bn, w, st))
+    known = {c for mod in KERNEL_MODULES for c in importlib.import_module(mod).kernel_variants()}
+    return [pytest.param(c, id=c.kernel_name()) for c in dict.fromkeys(out) if c not in known]
+
+
+@pytest.mark.parametrize("config", _sweep_variants())
+def test_sweep_variants_compile(config):
+    arch = "sm_90a" if config.family == _jit.ARCH_HOPPER else "sm_90"
+    mod = _jit.compile_module(config, arch, use_disk_cache=False)
+    assert len(mod.cubin) > 0
+
+
 class _Cfg(_jit.KernelConfig):
     """A throwaway config over a temporary source tree."""
 
