@@ -3,7 +3,9 @@
 Builds bench/bench_llm.py's model (same shape, seed and prompts), runs the runner on NumpyOps with
 precision "gpu" (fp16 activations, KV and GEMM inputs, fp32 residual, rounded where CuflashOps rounds;
 float64 arithmetic otherwise) and prints max |logit - fp32 reference| per prompt: the yardstick for
-what the GPU runner should reach (bench/llm_diagnose.py there). Needs torch and transformers, ~20 GB of
+what the GPU runner should reach (bench/llm_diagnose.py there). The model is built on the CPU, so its
+random weights are not those bench_llm.py builds on a GPU (another RNG stream): same shape and
+distribution, a statistical yardstick. Needs torch and transformers, ~20 GB of
 memory and a few minutes for the Llama shape:
 
     python bench/llm_cpu_rounding.py [--prompts 4] [--steps 32]
