@@ -54,12 +54,32 @@ class _L2Flusher:
         self.buf.fill(1)
 
 
-def time_fn(fn, *, warmup: int = 5, iters: int = 50, flush_l2: bool = True, stream=None) -> Timing:
-    """Median time of ``fn()`` in microseconds, CUDA events around each call on ``stream``."""
+#: GPU cycles of the busy-wait queued before a host-hidden measurement (~1 ms at H100 clocks): longer
+#: than any call's host work, so the call's launches are queued before the start event fires.
+HIDE_HOST_CYCLES = 2_000_000
+
+
+def time_fn(fn, *, warmup: int = 5, iters: int = 50, flush_l2: bool = True, stream=None,
+            hide_host: bool = False) -> Timing:
+    """Median time of ``fn()`` in microseconds, CUDA events around each call on ``stream``.
+
+    By default this is the time of a call as a caller sees it when the GPU is idle: the host work
+    before the first launch (validation, cache lookups) counts when it is longer than the L2 flush
+    queued before the start event. ``hide_host=True`` queues a busy-wait kernel (torch.cuda._sleep, on
+    torch's current stream, which must be ``stream``) before the start event, so the host has queued
+    fn's launches by the time it fires: the GPU time of the call alone.
+    """
     import cupy as cp
 
     stream = stream or cp.cuda.get_current_stream()
     flush = _L2Flusher(cp) if flush_l2 else (lambda: None)
+    sleep = None
+    if hide_host:
+        import torch
+
+        if torch.cuda.current_stream().cuda_stream != stream.ptr:
+            raise ValueError("hide_host: the busy-wait runs on torch's current stream, so `stream` must be it")
+        sleep = lambda: torch.cuda._sleep(HIDE_HOST_CYCLES)  # noqa: E731
     for _ in range(warmup):
         fn()
     stream.synchronize()
@@ -67,6 +87,8 @@ def time_fn(fn, *, warmup: int = 5, iters: int = 50, flush_l2: bool = True, stre
     for _ in range(iters):
         with stream:  # the flush is ordered before the timed region on the same stream
             flush()
+        if sleep is not None:
+            sleep()
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record(stream)
         fn()
