@@ -776,8 +776,9 @@ class GemmPlan:
         current stream when the plan was made from torch tensors)."""
         cp = _jit.require_gpu()
         if stream is None:
-            if self._torch_in and interop._torch_module() is not None:
-                stream = interop.torch_current_stream(self.device_id)
+            torch = interop._torch_module()
+            if self._torch_in and torch is not None:
+                stream = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device_id).cuda_stream, self.device_id)
             else:
                 with cp.cuda.Device(self.device_id):
                     stream = cp.cuda.get_current_stream()

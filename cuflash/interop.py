@@ -29,30 +29,6 @@ def _torch_module():
     return sys.modules.get("torch")  # never import torch ourselves: if it is not loaded, no tensor exists
 
 
-_TORCH_STREAMS: dict = {}  # (raw stream, device) -> the CuPy stream wrapping it
-
-
-def torch_current_stream(device_id: int):
-    """torch's current stream of ``device_id`` as a CuPy stream (one wrapper per raw stream, kept: a
-    call pays no wrapper construction). CuPy 14 deprecates ExternalStream in favour of
-    Stream.from_external, which needs the CUDA stream protocol; the wrapper is the same either way."""
-    torch = _torch_module()
-    ptr = torch.cuda.current_stream(device_id).cuda_stream
-    key = (ptr, device_id)
-    stream = _TORCH_STREAMS.get(key)
-    if stream is None:
-        import warnings
-
-        cp = require_gpu()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            stream = cp.cuda.ExternalStream(ptr, device_id)
-        if len(_TORCH_STREAMS) >= 256:  # streams come and go in long-lived servers
-            _TORCH_STREAMS.clear()
-        _TORCH_STREAMS[key] = stream
-    return stream
-
-
 def is_torch_tensor(x) -> bool:
     torch = _torch_module()
     return torch is not None and isinstance(x, torch.Tensor)
@@ -137,7 +113,9 @@ def call_context(**named) -> CallContext:
         raise ValueError(f"all arrays of one call must live on one GPU, got {desc}")
     (device_id,) = devices
     if torch_in:
-        stream = torch_current_stream(device_id)
+        torch = _torch_module()
+        ptr = torch.cuda.current_stream(device_id).cuda_stream
+        stream = cp.cuda.ExternalStream(ptr, device_id)
     else:
         with cp.cuda.Device(device_id):
             stream = cp.cuda.get_current_stream()
@@ -161,7 +139,7 @@ def torch_to_cupy(t, stream=None):
         t = t.view(torch.uint8)
     with cp.cuda.Device(t.device.index):
         if stream is None:
-            stream = torch_current_stream(t.device.index)
+            stream = cp.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream, t.device.index)
         with stream:
             if t.dtype == torch.bfloat16:
                 try:
