@@ -98,6 +98,20 @@ def time_fn(fn, *, warmup: int = 5, iters: int = 50, flush_l2: bool = True, stre
     return Timing(statistics.median(times), _percentile(times, 0.2), _percentile(times, 0.8), len(times))
 
 
+def gemm_operands(cp, rng, G: int, M: int, N: int, K: int, form: str):
+    """Random CuPy operands of a G-group GEMM (M x N x K each): (A, B, SA, SB) as cuflash.group_gemm
+    takes them. B: packed NVFP4 with e4m3 scales in [2^-3, 2) (exponent fields 4..7, positive);
+    A: the same kind (form "W4A4", SA its scales) or standard-normal fp16 (form "W4A16", SA None)."""
+    import numpy as np
+
+    bits = lambda *shape: cp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))  # noqa: E731
+    scales = lambda rows: cp.asarray(rng.integers(0x20, 0x40, (rows, K // 16), dtype=np.uint8))  # noqa: E731
+    B, SB = [bits(N, K // 2) for _ in range(G)], [scales(N) for _ in range(G)]
+    if form == "W4A4":
+        return [bits(M, K // 2) for _ in range(G)], B, [scales(M) for _ in range(G)], SB
+    return [cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(cp.float16) for _ in range(G)], B, None, SB
+
+
 def measure_ceilings(torch_available: bool = True) -> dict:
     """Copy bandwidth (TB/s, bytes read + written) and fp16 matmul TFLOP/s, measured here."""
     import cupy as cp

@@ -37,22 +37,22 @@ def reference_attention(cp, reference):
 
 
 def reference_gemm_ops(O, reference, cp):
+    """A CuflashOps subclass with float64 GEMMs on the GPU. Make it once: its instances share the
+    dequantized weights (~9 GB for the Llama shape, slow to build on the host)."""
+    deq_cache = {}  # id(w.data) -> (float64 q * s on the GPU, 1 / global scale)
+
     class RefGemmOps(O.CuflashOps):
-        """CuflashOps with float64 GEMMs on the GPU."""
-
-        _deq_cache: dict = {}
-
         def _deq(self, w):
             key = id(w.data)
-            if key not in self._deq_cache:
+            if key not in deq_cache:
                 data, scales = cp.asnumpy(w.data), cp.asnumpy(w.scales)
                 if data.ndim == 3:
                     qs = np.stack([reference.dequantize_fp4(d, s) for d, s in zip(data, scales)])
                 else:
                     qs = reference.dequantize_fp4(data, scales)
                 inv = 1.0 / np.asarray(w.global_scale, dtype=np.float64)
-                self._deq_cache[key] = (cp.asarray(qs), inv)
-            return self._deq_cache[key]
+                deq_cache[key] = (cp.asarray(qs), inv)
+            return deq_cache[key]
 
         def linear(self, x, w, out):
             qs, inv = self._deq(w)
@@ -97,11 +97,12 @@ def main() -> int:
     weights = convert.convert(hf, on_gpu=True)
     ref = R.reference_model(hf, weights, inplace=True)
     prompts = B._prompts(np.random.default_rng(0), shape["vocab"], B.CHECK_PROMPT_LENS)
-    original = A.PagedBatch.attention
+    original, ref_attention = A.PagedBatch.attention, reference_attention(cp, reference)
+    ref_gemm_ops = reference_gemm_ops(O, reference, cp)
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
-        A.PagedBatch.attention = reference_attention(cp, reference) if variant in ("ref-attention", "ref-both") else original
-        ops_class = reference_gemm_ops(O, reference, cp) if variant in ("ref-gemm", "ref-both") else O.CuflashOps
+        A.PagedBatch.attention = ref_attention if variant in ("ref-attention", "ref-both") else original
+        ops_class = ref_gemm_ops if variant in ("ref-gemm", "ref-both") else O.CuflashOps
         runner = M.Runner(ops_class(weights), max_batch=len(prompts), max_seq_len=256, page_size=B.PAGE_SIZE,
                           max_tokens=512)
         gen = runner.generate(prompts, args.steps)

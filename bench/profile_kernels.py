@@ -17,22 +17,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import require_gpu_or_exit  # noqa: E402
+from common import gemm_operands, require_gpu_or_exit  # noqa: E402
 
 
-def gemm_case(cp, rng, tokens: str):
+def gemm_case(cp, rng, form: str):
     from cuflash import gemm
 
     G, M, N, K = 8, 128, 4096, 7168
-    bits = lambda *shape: cp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))  # noqa: E731
-    # e4m3 scales in [2^-3, 2): exponent fields 4 .. 7, any mantissa, positive
-    scales = lambda rows: cp.asarray(rng.integers(0x20, 0x40, (rows, K // 16), dtype=np.uint8))  # noqa: E731
-    B = [bits(N, K // 2) for _ in range(G)]
-    SB = [scales(N) for _ in range(G)]
-    if tokens == "w4a4":
-        A, SA = [bits(M, K // 2) for _ in range(G)], [scales(M) for _ in range(G)]
-    else:
-        A, SA = [cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(cp.float16) for _ in range(G)], None
+    A, B, SA, SB = gemm_operands(cp, rng, G, M, N, K, form)
     out = [cp.empty((M, N), dtype=cp.float16) for _ in range(G)]
     return lambda: gemm.group_gemm(A, B, SA, SB, out=out)
 
@@ -46,8 +38,8 @@ def attention_case(cp, rng, decode: bool):
 
 
 CASES = {
-    "gemm-w4a4": lambda cp, rng: gemm_case(cp, rng, "w4a4"),
-    "gemm-w4a16": lambda cp, rng: gemm_case(cp, rng, "w4a16"),
+    "gemm-w4a4": lambda cp, rng: gemm_case(cp, rng, "W4A4"),
+    "gemm-w4a16": lambda cp, rng: gemm_case(cp, rng, "W4A16"),
     "attn-prefill": lambda cp, rng: attention_case(cp, rng, False),
     "attn-decode": lambda cp, rng: attention_case(cp, rng, True),
 }

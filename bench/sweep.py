@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from common import Results, environment, require_gpu_or_exit, time_fn
+from common import Results, environment, gemm_operands, require_gpu_or_exit, time_fn
 
 GPUMODE = [("g8_n4096_k7168", 8, 128, 4096, 7168), ("g8_n7168_k2048", 8, 128, 7168, 2048),
            ("g2_n3072_k4096", 2, 256, 3072, 4096), ("g2_n4096_k1536", 2, 256, 4096, 1536)]
@@ -52,16 +52,9 @@ def sweep_gemm(cp, res, iters):
     rng = np.random.default_rng(0)
     hopper = _jit.device_cc(cp.cuda.Device().id) == (9, 0)
     for case, G, M, N, K in GPUMODE:
-        bits = lambda *shape: cp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))  # noqa: E731
-        scales = lambda rows: cp.asarray(rng.integers(0x20, 0x40, (rows, K // 16), dtype=np.uint8))  # noqa: E731
-        B, SB = [bits(N, K // 2) for _ in range(G)], [scales(N) for _ in range(G)]
         for form in ("W4A4", "W4A16"):
             tokens = "nvfp4" if form == "W4A4" else "float16"
-            if form == "W4A4":
-                A, SA = [bits(M, K // 2) for _ in range(G)], [scales(M) for _ in range(G)]
-            else:
-                A = [cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(cp.float16) for _ in range(G)]
-                SA = None
+            A, B, SA, SB = gemm_operands(cp, rng, G, M, N, K, form)
             out = [cp.empty((M, N), dtype=cp.float32) for _ in range(G)]
             gemm.group_gemm(A, B, SA, SB, out=out)  # the default choice: the yardstick
             want = [o.copy() for o in out]

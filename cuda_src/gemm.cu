@@ -108,6 +108,7 @@ struct GemmTraits {
 
 // One tile's view of its problem.
 struct TileView {
+  const GemmProblem* problem;  // alpha, alpha2 and C for the epilogue
   const unsigned char* a;   // token matrix (row 0 of its L slice)
   const unsigned char* b[2];
   long long sfa, sfb[2];
@@ -120,11 +121,19 @@ struct TileView {
   bool blocked;
 };
 
-// The view of tile `local` (token tiles fastest) of problem p, whose token rows are `rows`.
+// The view of tile `tile` of the persistent walk: its problem found through the tile prefix
+// (built by build_tile_prefix), its place in the problem (token tiles fastest).
 template <bool kDual>
-__device__ __forceinline__ TileView make_tile_view(const GemmProblem& p, ProblemRows rows, int local, int m_tiles,
+__device__ __forceinline__ TileView make_tile_view(const GemmProblem* __restrict__ problems, int num_problems,
+                                                   const int* __restrict__ offsets, const int* prefix, int tile,
                                                    int block_m, bool blocked) {
+  const int pi = find_problem(prefix, num_problems, tile);
+  const GemmProblem& p = problems[pi];
+  const ProblemRows rows = problem_rows(p, offsets);
+  const int local = tile - prefix[pi];
+  const int m_tiles = ceil_div_dev(rows.rows, block_m);
   TileView v;
+  v.problem = &p;
   v.a = reinterpret_cast<const unsigned char*>(p.a);
   v.b[0] = reinterpret_cast<const unsigned char*>(p.b);
   v.b[1] = reinterpret_cast<const unsigned char*>(kDual ? p.b2 : p.b);
@@ -217,6 +226,23 @@ struct TileLoader {
     for (int j = 0; j < kTs; ++j)
       ts[j] = scale_ptr(v.sfa, v.row_base + min(v.m0 + tid + j * kT, v.rows - 1), 0, v.sfa_row, v.blocked,
                         v.num_k_stages);
+  }
+
+  // Stage kt's copies into its ring buffer (kt % kStages) of the pipeline at `smem`, if the tile has it.
+  template <int kStages>
+  __device__ __forceinline__ void load_if(unsigned char* smem, int kt, int kts) const {
+    if (kt < kts) load(Stage<Tr, kTokens, kDual>{smem + (kt % kStages) * Tr::kStageBytes}, kt);
+  }
+
+  // The pipeline's first kStages - 1 stages, one cp.async group each (empty groups too, so that the
+  // group count, and hence every later wait, is the same for every thread and tile).
+  template <int kStages>
+  __device__ __forceinline__ void prologue(unsigned char* smem, int kts) const {
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      load_if<kStages>(smem, s, kts);
+      cp_async_commit();
+    }
   }
 
   // Issue stage kt's copies into `st`.
@@ -350,13 +376,8 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
   const int warp_n = warp % kWarpsN, warp_m = warp / kWarpsN;
 
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const int pi = find_problem(prefix, num_problems, tile);
-    const GemmProblem& p = problems[pi];
-    const ProblemRows rows = problem_rows(p, offsets);
-    const int local = tile - prefix[pi];
-    const int m_tiles = ceil_div_dev(rows.rows, kBlockM);
-
-    const TileView v = make_tile_view<kDual>(p, rows, local, m_tiles, kBlockM, blocked_scales != 0);
+    const TileView v = make_tile_view<kDual>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked_scales != 0);
+    const GemmProblem& p = *v.problem;
     const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
 
     float acc[Tr::kWeights][kMmaTilesN][Tr::kMmaTilesM][4];
@@ -372,16 +393,11 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
     // The previous tile's last stage may still be read by other warps.
     __syncthreads();
     const int kts = v.num_k_stages;
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < kts) loader.load(St{smem + s * Tr::kStageBytes}, s);
-      cp_async_commit();  // empty groups keep the count uniform
-    }
+    loader.template prologue<kStages>(smem, kts);
     for (int kt = 0; kt < kts; ++kt) {
       cp_async_wait<kStages - 2>();  // stage kt has landed (for this thread's copies) ...
       __syncthreads();               // ... for every thread's; all are done with stage kt - 1
-      const int next = kt + kStages - 1;
-      if (next < kts) loader.load(St{smem + (next % kStages) * Tr::kStageBytes}, next);
+      loader.template load_if<kStages>(smem, kt + kStages - 1, kts);
       cp_async_commit();
       const St st{smem + (kt % kStages) * Tr::kStageBytes};
       const unsigned char* tokens_f16 = st.tokens();
@@ -586,8 +602,7 @@ __device__ __forceinline__ void wgmma_pipeline_step(unsigned char* smem, unsigne
   cp_async_wait<kStages - 3>();  // stage kt + 1 has landed (this thread's copies) ...
   fence_proxy_async_shared();    // ... is visible to wgmma's operand reads ...
   __syncthreads();               // ... for every thread's; no warpgroup still reads stage kt - 1
-  const int next = kt + kStages - 1;  // into the buffer of stage kt - 1
-  if (next < v.num_k_stages) loader.load(St{smem + (next % kStages) * Tr::kStageBytes}, next);
+  loader.template load_if<kStages>(smem, kt + kStages - 1, v.num_k_stages);  // into the buffer of stage kt - 1
   cp_async_commit();
   prepare_stage<Tr, kTokens, kDual, kBlockM>(St{smem + ((kt + 1) % kStages) * Tr::kStageBytes}, tokens_f16_bufs, kt + 1,
                                              row0, nxt);
@@ -612,13 +627,8 @@ __global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>:
   const int row0 = warp * 16 + g;  // = warpgroup * 64 + warp_in_group * 16 + g
 
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const int pi = find_problem(prefix, num_problems, tile);
-    const GemmProblem& p = problems[pi];
-    const ProblemRows rows = problem_rows(p, offsets);
-    const int local = tile - prefix[pi];
-    const int m_tiles = ceil_div_dev(rows.rows, kBlockM);
-
-    const TileView v = make_tile_view<kDual>(p, rows, local, m_tiles, kBlockM, blocked_scales != 0);
+    const TileView v = make_tile_view<kDual>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked_scales != 0);
+    const GemmProblem& p = *v.problem;
     const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
 
     float acc[Tr::kWeights][Tr::kAcc];
@@ -630,11 +640,7 @@ __global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>:
     // The previous tile's last stage may still be read by other warps.
     __syncthreads();
     const int kts = v.num_k_stages;
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < kts) loader.load(St{smem + s * Tr::kStageBytes}, s);
-      cp_async_commit();
-    }
+    loader.template prologue<kStages>(smem, kts);
     // Stage 0: landed, published, its fragments (and W4A4 tokens) dequantized.
     unsigned a0[Tr::kWeights][kWgKSteps][4], a1[Tr::kWeights][kWgKSteps][4];
     cp_async_wait<kStages - 2>();

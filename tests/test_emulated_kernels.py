@@ -157,6 +157,24 @@ def _scales(sf, layout):
     return nvfp4.to_blocked(sf) if layout == "blocked" else sf
 
 
+def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch="portable", schedule="round_robin"):
+    """One group_gemm launch set up as the GPU path does; returns (outputs, references, the validated
+    problems, the token kind validation found)."""
+    A_, B_, SA, SB = TG._group_inputs(rng, ms, ns, ks, "nvfp4" if tokens == "nvfp4" else "act", act_dtype=tokens)
+    alpha = list(rng.uniform(0.25, 2.0, size=len(ms)))
+    refs = reference.group_gemm(A_, B_, SA, SB, alpha=alpha)
+    outs = [_nan((m, n), odt) for m, n in zip(ms, ns)]
+    sa = None if SA is None else [_scales(s, layout) for s in SA]
+    prods, tok, _ = gemm.validate_group_gemm(A_, B_, sa, [_scales(s, layout) for s in SB], alpha=alpha, out=outs,
+                                             scale_layout=layout)
+    itemsize = np.dtype(outs[0].dtype).itemsize
+    table = gemm.build_table(prods, [(o.ctypes.data, o.strides[0] // itemsize, 0) for o in outs])
+    cfg = gemm.choose_config(tok, False, max(ms), arch)
+    assert cfg in GEMM_CONFIGS and cfg.arch == arch
+    _launch_gemm(gm, cfg, table, gemm.tile_count(ms, ns, cfg.block_m), None, layout == "blocked", odt, schedule)
+    return outs, refs, prods, tok
+
+
 @pytest.mark.parametrize(
     "tokens,ms,ns,ks,layout,odt",
     [
@@ -170,21 +188,9 @@ def _scales(sf, layout):
     ],
 )
 def test_group_gemm(mods, rng, schedule, tokens, ms, ns, ks, layout, odt):
-    A_, B_, SA, SB = TG._group_inputs(rng, ms, ns, ks, "nvfp4" if tokens == "nvfp4" else "act", act_dtype=tokens)
-    alpha = list(rng.uniform(0.25, 2.0, size=len(ms)))
-    refs = reference.group_gemm(A_, B_, SA, SB, alpha=alpha)
-    outs = [_nan((m, n), odt) for m, n in zip(ms, ns)]
-    sa = None if SA is None else [_scales(s, layout) for s in SA]
-    prods, tok, _ = gemm.validate_group_gemm(A_, B_, sa, [_scales(s, layout) for s in SB], alpha=alpha, out=outs,
-                                             scale_layout=layout)
+    outs, refs, prods, tok = _run_group_gemm(mods["gemm"], rng, tokens, ms, ns, ks, layout, odt, schedule=schedule)
     # (no operand needs the copy gpu launches make; an empty group is never read)
     assert tok == tokens and not any(p.m and (p.a.needs_copy or p.b[0].needs_copy) for p in prods)
-    itemsize = np.dtype(outs[0].dtype).itemsize
-    table = gemm.build_table(prods, [(o.ctypes.data, o.strides[0] // itemsize, 0) for o in outs])
-    cfg = gemm.choose_config(tokens, False, max(ms))
-    assert cfg in GEMM_CONFIGS
-    tiles = gemm.tile_count(ms, ns, cfg.block_m)
-    _launch_gemm(mods["gemm"], cfg, table, tiles, None, layout == "blocked", odt, schedule)
     for o, r in zip(outs, refs):
         TG._check(_f64(o), r, odt)
 
@@ -241,23 +247,6 @@ def test_dual_gemm(mods, rng, schedule, tokens, m, n, k, layout):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch, schedule="round_robin"):
-    """One group_gemm launch set up as the GPU path does; returns (outputs, references)."""
-    A_, B_, SA, SB = TG._group_inputs(rng, ms, ns, ks, "nvfp4" if tokens == "nvfp4" else "act", act_dtype=tokens)
-    alpha = list(rng.uniform(0.25, 2.0, size=len(ms)))
-    refs = reference.group_gemm(A_, B_, SA, SB, alpha=alpha)
-    outs = [_nan((m, n), odt) for m, n in zip(ms, ns)]
-    sa = None if SA is None else [_scales(s, layout) for s in SA]
-    prods, tok, _ = gemm.validate_group_gemm(A_, B_, sa, [_scales(s, layout) for s in SB], alpha=alpha, out=outs,
-                                             scale_layout=layout)
-    itemsize = np.dtype(outs[0].dtype).itemsize
-    table = gemm.build_table(prods, [(o.ctypes.data, o.strides[0] // itemsize, 0) for o in outs])
-    cfg = gemm.choose_config(tok, False, max(ms), arch)
-    assert cfg in GEMM_CONFIGS and cfg.arch == arch
-    _launch_gemm(gm, cfg, table, gemm.tile_count(ms, ns, cfg.block_m), None, layout == "blocked", odt, schedule)
-    return outs, refs
-
-
 @pytest.mark.parametrize(
     "tokens,ms,ns,ks,layout,odt",
     [
@@ -270,7 +259,7 @@ def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch, schedule="ro
     ],
 )
 def test_group_gemm_wgmma(mods, rng, schedule, tokens, ms, ns, ks, layout, odt):
-    outs, refs = _run_group_gemm(mods["gemm"], rng, tokens, ms, ns, ks, layout, odt, "hopper", schedule)
+    outs, refs, _, _ = _run_group_gemm(mods["gemm"], rng, tokens, ms, ns, ks, layout, odt, "hopper", schedule)
     for o, r in zip(outs, refs):
         TG._check(_f64(o), r, odt)
 

@@ -55,6 +55,15 @@ def test_inputs_on_two_gpus_are_refused(two_gpus):
         nvfp4.dequantize(nvfp4.NVFP4Tensor(data, scales, gs))
 
 
+def _on_both_gpus(work):
+    """work(0) and work(1) in two threads at once; returns when both are done."""
+    threads = [threading.Thread(target=work, args=(d,)) for d in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def test_two_threads_two_gpus(two_gpus, rng):
     cp = two_gpus
     inputs = [rng.standard_normal((128, 512)).astype(np.float16) for _ in range(2)]
@@ -72,11 +81,7 @@ def test_two_threads_two_gpus(two_gpus, rng):
         except Exception as exc:  # reported by the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(d,)) for d in (0, 1)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _on_both_gpus(work)
     assert not errors, errors
 
 
@@ -153,9 +158,5 @@ def test_two_threads_loop_gemm_and_attention_on_two_gpus(two_gpus, rng):
         except Exception as exc:  # reported by the main thread
             errors.append((dev, exc))
 
-    threads = [threading.Thread(target=work, args=(d,)) for d in (0, 1)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _on_both_gpus(work)
     assert not errors, errors

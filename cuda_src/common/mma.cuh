@@ -97,21 +97,4 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Two fp32 values rounded to nearest even and packed as one 32-bit register (lo in the low half),
-// the operand form of an A fragment.
-template <typename T>
-__device__ __forceinline__ unsigned pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-
-template <>
-__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-
 }  // namespace cuflash

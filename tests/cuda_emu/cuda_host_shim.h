@@ -236,6 +236,20 @@ std::tuple<Args...> unpack(void** args, std::index_sequence<I...>) {
   return std::tuple<Args...>(*static_cast<std::remove_reference_t<Args>*>(args[I])...);
 }
 
+// The value of a 16-bit MMA operand element (fp16, or bf16 with bf16 set), exactly, as the emulated
+// tensor-core instructions read their inputs.
+inline double to_double(unsigned short bits, bool bf16) {
+  if (bf16) {
+    const unsigned u = static_cast<unsigned>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half_raw h;
+  h.x = bits;
+  return static_cast<double>(__half2float(__half(h)));
+}
+
 // args[i] points at the value of parameter i, as cuLaunchKernel takes them. Returns 0, or -1 with the
 // message in error().
 template <class... Args>

@@ -88,18 +88,6 @@ inline void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
   ::cuemu::warp_sync();
 }
 
-inline double to_double(unsigned short bits, bool bf16) {
-  if (bf16) {
-    const unsigned u = static_cast<unsigned>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  __half_raw h;
-  h.x = bits;
-  return static_cast<double>(__half2float(__half(h)));
-}
-
 // The 16-bit element i (0 or 1) of 32-bit register reg.
 inline unsigned short elem(unsigned reg, int i) { return static_cast<unsigned short>(i ? reg >> 16 : reg & 0xFFFFu); }
 
@@ -125,12 +113,12 @@ inline void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsign
   // i = (k & 1) + (row >= 8 ? 2 : 0) + (k >= 8 ? 4 : 0), i.e. register i / 2, half i % 2.
   auto A = [&](int row, int k) {
     const int i = (k & 1) + (row >= 8 ? 2 : 0) + (k >= 8 ? 4 : 0);
-    return to_double(elem(ops(4 * (row % 8) + (k % 8) / 2).a[i / 2], i % 2), kBf16);
+    return ::cuemu::to_double(elem(ops(4 * (row % 8) + (k % 8) / 2).a[i / 2], i % 2), kBf16);
   };
   // B[k][col] is element i = (k & 1) + (k >= 8 ? 2 : 0) of the lane with g = col, t = (k % 8) / 2.
   auto B = [&](int k, int col) {
     const int i = (k & 1) + (k >= 8 ? 2 : 0);
-    return to_double(elem(ops(4 * col + (k % 8) / 2).b[i / 2], i % 2), kBf16);
+    return ::cuemu::to_double(elem(ops(4 * col + (k % 8) / 2).b[i / 2], i % 2), kBf16);
   };
   const int g = lane >> 2, t = lane & 3;
   float out[4];
@@ -178,21 +166,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.0f;
   const float y = exp2f(x);
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
-}
-
-template <typename T>
-__device__ __forceinline__ unsigned pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-
-template <>
-__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
 }
 
 }  // namespace cuflash

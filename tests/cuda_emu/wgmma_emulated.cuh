@@ -68,18 +68,6 @@ struct Operands {
   unsigned long long desc;
 };
 
-inline double to_double(unsigned short bits, bool bf16) {
-  if (bf16) {
-    const unsigned u = static_cast<unsigned>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  __half_raw h;
-  h.x = bits;
-  return static_cast<double>(__half2float(__half(h)));
-}
-
 template <int kN, bool kBf16>
 inline void mma_rs(float* d, const unsigned (&a)[4], unsigned long long desc) {
   ::cuemu::Fiber& f = ::cuemu::me();
@@ -115,14 +103,14 @@ inline void mma_rs(float* d, const unsigned (&a)[4], unsigned long long desc) {
     }
     unsigned short v;
     std::memcpy(&v, s.smem + off, 2);
-    return to_double(v, kBf16);
+    return ::cuemu::to_double(v, kBf16);
   };
   // A(row, k): element i = (k & 1) + (row % 16 >= 8 ? 2 : 0) + (k >= 8 ? 4 : 0) of the thread of warp
   // row / 16, lane 4 (row % 8) + (k % 8) / 2.
   auto A = [&](int row, int k) {
     const int i = (k & 1) + (row % 16 >= 8 ? 2 : 0) + (k >= 8 ? 4 : 0);
     const unsigned reg = ops(32 * (row / 16) + 4 * (row % 8) + (k % 8) / 2).a[i / 2];
-    return to_double(static_cast<unsigned short>(i % 2 ? reg >> 16 : reg & 0xFFFFu), kBf16);
+    return ::cuemu::to_double(static_cast<unsigned short>(i % 2 ? reg >> 16 : reg & 0xFFFFu), kBf16);
   };
   // The accumulator input: the latest in-flight result for these registers, else the registers.
   const float* in = d;
