@@ -2,7 +2,8 @@
 # One visit to the lent GPU (see ../shared/DEVICE.md): run from the repository root on the device,
 #   bash bench/device_check.sh [stage ...]
 # stages: info tests sanitize bench-quant bench-gemm bench-gemm-wgmma bench-attn bench-llm (the default:
-# all of these, in that order), and on request llm-diagnose (bench/llm_diagnose.py), sweep (bench/sweep.py) and profile
+# all of these, in that order), and on request gemm-tests (the GEMM tests with each kernel), sanitize-wgmma
+# (the GEMM sanitizer cases on the wgmma kernel), llm-diagnose (bench/llm_diagnose.py), sweep (bench/sweep.py) and profile
 # (bench/profile_device.sh: Nsight Compute reports). Logs and JSON go to a work folder that is packed after every stage
 # into $OUT/results.tgz (the device tool returns at most 8 files a call). Each stage runs under its own
 # time limit (STAGE_TIMEOUT seconds, default 240) and keeps its exit status; a summary comes last.
@@ -38,6 +39,19 @@ for s in "${stages[@]}"; do
     tests) run_stage tests python3 -m pytest -m gpu -q -rfEs tests
            run_stage tests-portable-gemm env CUFLASH_GEMM_WGMMA=0 python3 -m pytest -m gpu -q -rfEs \
              tests/test_gemm.py tests/test_gpumode.py ;;
+    # the GEMM tests alone: default kernel choice, then each kernel forced
+    gemm-tests) run_stage gemm-tests python3 -m pytest -m gpu -q -rfEs tests/test_gemm.py tests/test_gpumode.py
+                run_stage gemm-tests-wgmma env CUFLASH_GEMM_WGMMA=1 python3 -m pytest -m gpu -q -rfEs -x \
+                  tests/test_gemm.py tests/test_gpumode.py
+                run_stage gemm-tests-portable env CUFLASH_GEMM_WGMMA=0 python3 -m pytest -m gpu -q -rfEs -x \
+                  tests/test_gemm.py tests/test_gpumode.py ;;
+    sanitize-wgmma)
+      run_stage memcheck-wgmma env CUFLASH_GEMM_WGMMA=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 -m pytest -m gpu -q -x -k "sanitize and gemm" tests
+      run_stage racecheck-wgmma env CUFLASH_GEMM_WGMMA=1 compute-sanitizer --tool racecheck --error-exitcode 1 \
+        python3 -m pytest -m gpu -q -x -k "sanitize and gemm" tests
+      run_stage synccheck-wgmma env CUFLASH_GEMM_WGMMA=1 compute-sanitizer --tool synccheck --error-exitcode 1 \
+        python3 -m pytest -m gpu -q -x -k "sanitize and gemm" tests ;;
     # small cases only: the sanitizers slow kernels down 10-100x
     sanitize)
       run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \

@@ -30,6 +30,7 @@
 // problem table, scheduler, pipeline and epilogue rules, with wgmma.mma_async in place of mma.sync.
 #include "common/dequant.cuh"
 #include "common/fp4.cuh"
+#include "common/mbarrier.cuh"
 #include "common/mma.cuh"
 #include "common/tile_scheduler.cuh"
 #include "common/types.cuh"
@@ -433,48 +434,78 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
 }
 
 // ================================================================================================
-// Hopper (sm_90a): the same GEMM on wgmma.mma_async (common/wgmma.cuh)
+// Hopper (sm_90a): the same GEMM on wgmma.mma_async (common/wgmma.cuh), warp-specialized
 // ================================================================================================
 //
-// Two warpgroups per CTA, each owning 64 of the kBlockN = 128 weight rows (warp w of a warpgroup:
-// 16 rows). Per k16 step one wgmma m64 n(kBlockM) k16 per warpgroup and weight operand: A = the
-// dequantized weights, from registers (each warp's 16 x 16 slice in the mma.m16n8k16 A layout); B =
-// the stage's fp16/bf16 tokens, from shared memory through a descriptor. Accumulators stay in
-// registers: kBlockM / 2 floats per thread and weight operand.
+// Three warpgroups per CTA (384 threads). Warpgroup 0 is the producer: its 128 threads only copy
+// (cp.async) the weights, their scales and the fp16/bf16 token tile of each stage into a ring of
+// kStages shared-memory stages, and publish each stage on its `full` mbarrier. Warpgroups 1 and 2 are
+// the consumers, each owning 64 of the kBlockN = 128 weight rows (warp w of a consumer warpgroup: 16
+// rows): they dequantize their weight rows of a stage into registers and issue one wgmma m64
+// n(kBlockM) k16 per k step and weight operand, A = the dequantized weights from registers (each
+// warp's 16 x 16 slice in the mma.m16n8k16 A layout), B = the stage's tokens from shared memory
+// through a descriptor; then they release the stage on its `empty` mbarrier. Accumulators stay in
+// registers (kBlockM / 2 floats per thread and weight operand). Producer and consumers walk the same
+// persistent tile sequence; the ring runs on across tiles, so the next tile's first stages land
+// while the consumers store the last one.
+//
+// Measured before (session 2, NOTES.md): the single-role wgmma kernel (every thread copying,
+// dequantizing and issuing, a block barrier per stage) ran at 2 warps per scheduler with the tensor
+// pipe mostly idle (ncu: 0.01 cycles of gmma stall per instruction, 2.5 of long scoreboard).
+//
+// W4A4 tokens are dequantized once per call into an fp16 workspace by dequant_tokens_kernel (below)
+// and then read as W4A16 tokens: they would otherwise be dequantized again by every CTA of the
+// problem's N tiles.
+//
+// Producer pipeline: stage q is published kLag stages after its copies were issued (the producer's
+// cp.async.wait_group keeps kLag newer stages in flight), after the producer threads' own
+// fence.proxy.async (cp.async lands through the generic proxy, wgmma reads through the async one).
 //
 // K order: natural (the MMA's k step s of a stage is values 16s .. 16s+15), because B's 16-byte core
 // matrix rows must be 8 consecutive token values as cp.async lands them. The A fragment of thread
 // (g, t) then needs, per row, values 16s + 2t + {0, 1} and 16s + 8 + 2t + {0, 1}: byte t of each
 // 4-byte word of the row's 32 packed bytes (the row is read whole and its bytes gathered with prmt).
 //
-// Token tile in shared memory (per stage, W4A4's dequantized buffer too): [kBlockM / 8 token groups]
-// [8 chunks of 8 K values][8 tokens][16 bytes], i.e. core matrix (token group j, chunk c) at
-// j * 1024 + c * 128. For k step s the descriptor starts at chunk 2s: LBO = 128 (chunk 2s+1, the
-// next 8 k), SBO = 1024 (the next 8 tokens). No swizzle.
-constexpr int kWgWarpgroups = kBlockN / kWgmmaM;             // 2 warpgroups of 64 weight rows
+// Token tile in shared memory (per stage): [kBlockM / 8 token groups][8 chunks of 8 K values][8
+// tokens][16 bytes], i.e. core matrix (token group j, chunk c) at j * 1024 + c * 128. For k step s
+// the descriptor starts at chunk 2s: LBO = 128 (chunk 2s+1, the next 8 k), SBO = 1024 (the next 8
+// tokens). No swizzle.
+constexpr int kWgConsumers = 2;                              // consumer warpgroups of 64 weight rows
+constexpr int kWgThreads = (1 + kWgConsumers) * kWarpgroupThreads;  // 384 threads per CTA
+constexpr int kWgConsumerWarps = kWgConsumers * kWarpgroupThreads / 32;
 constexpr int kWgChunks = kStageK * 2 / 16;                  // 8 chunks of 16 bytes per token row
 constexpr int kWgTokenGroupBytes = kWgChunks * kCoreBytes;   // 1024: 8 tokens x 64 K values x 2 bytes
 constexpr int kWgLbo = kCoreBytes;                           // K direction: the next chunk
 constexpr int kWgSbo = kWgTokenGroupBytes;                   // N direction: the next 8 tokens
 constexpr int kWgKSteps = kStageK / 16;                      // 4 wgmma k steps per stage
+static_assert(kWgConsumers * kWgmmaM == kBlockN, "the consumers split the CTA's weight rows");
+// Registers per thread after the split (setmaxnreg): the producer keeps its copy pointers (ptxas
+// spilled 12 bytes at 96 with 128 tokens), the consumers their accumulators and two stages of
+// fragments (the dual kernel spilled 40 bytes at the even split, 168 each); 128 * 104 + 256 * 200 =
+// 64512 of the SM's 65536.
+constexpr int kWgProducerRegs = 104;
+constexpr int kWgConsumerRegs = 200;
+static_assert(kWarpgroupThreads * (kWgProducerRegs + kWgConsumers * kWgConsumerRegs) <= 65536, "register file");
 
 template <int kBlockM, int kStages, int kTokens, bool kDual>
 struct WgmmaTraits {
+  static_assert(kTokens != kTokensNVFP4, "W4A4 tokens reach the wgmma kernel dequantized (dequant_tokens_kernel)");
   using MmaT = typename MmaType<kTokens>::type;
-  static constexpr int kThreads = kWgWarpgroups * kWarpgroupThreads;
+  static constexpr int kThreads = kWarpgroupThreads;  // the producer's threads: TileLoader splits copies over them
   static constexpr int kWeights = kDual ? 2 : 1;
   static constexpr int kAcc = kBlockM / 2;  // fp32 accumulators per thread and weight operand
   static constexpr int kWeightBytes = kBlockN * kStagePackedBytes;
   static constexpr int kWeightScaleBytes = kBlockN * kStageScales;
-  static constexpr int kTokenF16TileBytes = kBlockM * kStageK * 2;
-  static constexpr int kTokenBytes = kTokens == kTokensNVFP4 ? kBlockM * kStagePackedBytes : kTokenF16TileBytes;
-  static constexpr int kTokenScaleBytes = kTokens == kTokensNVFP4 ? kBlockM * kStageScales : 0;
-  static constexpr int kStageBytes =
-      kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes + kTokenScaleBytes;
-  static constexpr int kTokenF16Bytes = kTokens == kTokensNVFP4 ? 2 * kTokenF16TileBytes : 0;  // two buffers
-  static constexpr int kPipeBytes = kStages * kStageBytes + kTokenF16Bytes;
+  static constexpr int kTokenBytes = kBlockM * kStageK * 2;
+  static constexpr int kTokenScaleBytes = 0;
+  static constexpr int kStageBytes = kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  // Stages whose copies may still be in flight when an older one is published; the consumers work
+  // on the stages before those, so a ring of kStages keeps kStages - kLag - 1 published stages ahead.
+  static constexpr int kLag = kStages / 2;
   static_assert(kBlockM % 16 == 0 && kBlockM >= 16 && kBlockM <= 256, "wgmma N: a multiple of 16 up to 256");
   static_assert(kStageBytes % 16 == 0, "stage buffers (and wgmma's token tiles) must stay 16-byte aligned");
+  static_assert(kStages >= 3 && kLag >= 1 && kLag <= kStages - 2, "the ring needs room to publish ahead");
   // fp16/bf16 token copies: 8 rows of one chunk on consecutive threads (see TileLoader::token_row)
   static constexpr bool kTokenRowsInner = true;
   // Core-matrix position of chunk c of token row r (see above).
@@ -558,105 +589,92 @@ __device__ __forceinline__ void issue_stage_wgmma(const unsigned char* tokens_f1
   wgmma_commit();
 }
 
-// W4A4 tokens of stage kt, dequantized: one of two buffers (the wgmmas of stage kt - 1 may still
-// read the other).
-template <class Tr>
-__device__ __forceinline__ unsigned char* token_buffer(unsigned char* bufs, int kt) {
-  return bufs + (kt & 1) * Tr::kTokenF16TileBytes;
-}
+// The ring's mbarriers: full[s] completes when the producer has published stage slot s (one arrival
+// per producer thread), empty[s] when every consumer warp is done with it (one arrival per warp).
+// Use u = q / kStages of slot s = q % kStages is phase u of both barriers.
+struct Ring {
+  unsigned long long* full;
+  unsigned long long* empty;
+};
 
-// Once stage kt has landed and been published: W4A4 tokens dequantized into their buffer (and made
-// visible to the async proxy), and this thread's weight fragments of the stage dequantized into `a`.
-// W4A4 still needs a barrier before the stage's wgmmas read the token buffer.
-template <class Tr, int kTokens, bool kDual, int kBlockM>
-__device__ __forceinline__ void prepare_stage(const Stage<Tr, kTokens, kDual>& st, unsigned char* tokens_f16_bufs, int kt,
-                                              int row0, unsigned (&a)[Tr::kWeights][kWgKSteps][4]) {
-  if constexpr (kTokens == kTokensNVFP4) {
-    dequant_tokens<Tr, kTokens, kDual, kBlockM>(st, token_buffer<Tr>(tokens_f16_bufs, kt));
-    fence_proxy_async_shared();
-  }
-  weight_fragments<Tr, kTokens, kDual>(st, row0, a);
-  if constexpr (kTokens == kTokensNVFP4) __syncthreads();
-}
-
-// One stage of the pipeline. On entry `cur` holds stage kt's fragments and stage kt's tokens are
-// published; the wgmmas of stage kt - 1 (which read `nxt`) may be in flight. Issues stage kt's
-// wgmmas, waits for kt - 1's, then, while kt's run, publishes stage kt + 1, refills the buffer that
-// kt - 1 used with stage kt + kStages - 1, and dequantizes stage kt + 1 into `nxt`.
-//
-// cp.async groups: kStages - 1 before the loop, one per step; stage kt + 1 is group kt + 1, so at
-// most kStages - 3 newer groups may stay in flight.
+// Warpgroup 0: copies every stage of every tile of this CTA into the ring.
 template <class Tr, int kBlockM, int kStages, int kTokens, bool kDual>
-__device__ __forceinline__ void wgmma_pipeline_step(unsigned char* smem, unsigned char* tokens_f16_bufs, const TileView& v,
-                                                    const TileLoader<Tr, kTokens, kDual, kBlockM>& loader, int kt, int row0, float (&acc)[Tr::kWeights][Tr::kAcc],
-                                                    unsigned (&cur)[Tr::kWeights][kWgKSteps][4],
-                                                    unsigned (&nxt)[Tr::kWeights][kWgKSteps][4]) {
+__device__ __forceinline__ void produce(unsigned char* smem, Ring ring, const GemmProblem* __restrict__ problems,
+                                        int num_problems, const int* __restrict__ offsets, const int* prefix,
+                                        int total_tiles, bool blocked) {
   using St = Stage<Tr, kTokens, kDual>;
-  static_assert(kStages >= 3, "the wgmma pipeline keeps a stage in the MMAs and one landing");
-  const St st{smem + (kt % kStages) * Tr::kStageBytes};
-  const unsigned char* tokens = kTokens == kTokensNVFP4 ? token_buffer<Tr>(tokens_f16_bufs, kt) : st.tokens();
-  issue_stage_wgmma<Tr, kBlockM, kTokens, kDual>(tokens, acc, cur);
-  wgmma_wait<1>();  // stage kt - 1's wgmmas are done: `nxt` and its buffers are free
-  fence_fragments<Tr>(nxt);
-  if (kt + 1 >= v.num_k_stages) return;
-  cp_async_wait<kStages - 3>();  // stage kt + 1 has landed (this thread's copies) ...
-  fence_proxy_async_shared();    // ... is visible to wgmma's operand reads ...
-  __syncthreads();               // ... for every thread's; no warpgroup still reads stage kt - 1
-  loader.template load_if<kStages>(smem, kt + kStages - 1, v.num_k_stages);  // into the buffer of stage kt - 1
-  cp_async_commit();
-  prepare_stage<Tr, kTokens, kDual, kBlockM>(St{smem + ((kt + 1) % kStages) * Tr::kStageBytes}, tokens_f16_bufs, kt + 1,
-                                             row0, nxt);
+  int q = 0;  // stages issued so far, over all tiles
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const TileView v = make_tile_view<kDual>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked);
+    const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
+    for (int kt = 0; kt < v.num_k_stages; ++kt, ++q) {
+      const int slot = q % kStages;
+      if (q >= kStages) mbar_wait(&ring.empty[slot], ((q / kStages) - 1) & 1);  // use u - 1 released
+      loader.load(St{smem + slot * Tr::kStageBytes}, kt);
+      cp_async_commit();
+      if (q >= Tr::kLag) {  // stage q - kLag has landed (this thread's copies): publish it
+        cp_async_wait<Tr::kLag>();
+        fence_proxy_async_shared();
+        mbar_arrive(&ring.full[(q - Tr::kLag) % kStages]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  fence_proxy_async_shared();
+  for (int p = max(q - Tr::kLag, 0); p < q; ++p) mbar_arrive(&ring.full[p % kStages]);
 }
 
-// Same arguments and launch rules as group_gemm_kernel; WgmmaTraits::kThreads (256) threads per CTA.
-template <int kBlockM, int kStages, int kTokens, bool kDual>
-__global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>::kThreads, 1)
-    group_gemm_wgmma_kernel(const GemmProblem* __restrict__ problems, int num_problems, const int* __restrict__ offsets,
-                            int blocked_scales, int out_dtype) {
-  using Tr = WgmmaTraits<kBlockM, kStages, kTokens, kDual>;
+// Warpgroups 1 and 2: dequantize, multiply, store. Consumer warp cw owns weight rows 16 cw .. 16 cw + 15
+// of each tile.
+template <class Tr, int kBlockM, int kStages, int kTokens, bool kDual>
+__device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const GemmProblem* __restrict__ problems,
+                                        int num_problems, const int* __restrict__ offsets, const int* prefix,
+                                        int total_tiles, bool blocked, int out_dtype) {
   using St = Stage<Tr, kTokens, kDual>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  int* prefix = reinterpret_cast<int*>(smem + Tr::kPipeBytes);
-  unsigned char* tokens_f16_buf = smem + kStages * Tr::kStageBytes;  // W4A4 only
-
-  build_tile_prefix<kBlockM, kBlockN>(problems, num_problems, offsets, prefix);
-  const int total_tiles = prefix[num_problems];
-
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int row0 = warp * 16 + g;  // = warpgroup * 64 + warp_in_group * 16 + g
-
+  const int cw = threadIdx.x / 32 - kWarpgroupThreads / 32;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = cw * 16 + g;  // = consumer warpgroup * 64 + warp_in_group * 16 + g
+  auto stage = [&](int q) { return St{smem + (q % kStages) * Tr::kStageBytes}; };
+  auto acquire = [&](int q) { mbar_wait(&ring.full[q % kStages], (q / kStages) & 1); };
+  auto release = [&](int q) {  // after wgmma_wait: the warp's wgmmas and fragment reads of stage q are done
+    __syncwarp();  // every lane has passed its wait before one arrives for the warp
+    if (lane == 0) mbar_arrive(&ring.empty[q % kStages]);
+  };
+  int q = 0;  // stages consumed so far, over all tiles
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const TileView v = make_tile_view<kDual>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked_scales != 0);
+    const TileView v = make_tile_view<kDual>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked);
     const GemmProblem& p = *v.problem;
-    const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
-
     float acc[Tr::kWeights][Tr::kAcc];
 #pragma unroll
     for (int w = 0; w < Tr::kWeights; ++w)
 #pragma unroll
       for (int i = 0; i < Tr::kAcc; ++i) acc[w][i] = 0.0f;
 
-    // The previous tile's last stage may still be read by other warps.
-    __syncthreads();
-    const int kts = v.num_k_stages;
-    loader.template prologue<kStages>(smem, kts);
-    // Stage 0: landed, published, its fragments (and W4A4 tokens) dequantized.
+    // Fragments of stage kt in a[kt % 2] (named at compile time: two stages per trip). Stage kt's
+    // wgmmas run while stage kt + 1 is dequantized; the wait retires stage kt - 1's.
     unsigned a0[Tr::kWeights][kWgKSteps][4], a1[Tr::kWeights][kWgKSteps][4];
-    cp_async_wait<kStages - 2>();
-    fence_proxy_async_shared();
-    __syncthreads();
-    prepare_stage<Tr, kTokens, kDual, kBlockM>(St{smem}, tokens_f16_buf, 0, row0, a0);
-    // Two stages per trip so that the fragment buffers a0 / a1 are named at compile time.
+    const int kts = v.num_k_stages;
+    acquire(q);
+    weight_fragments<Tr, kTokens, kDual>(stage(q), row0, a0);
+    auto step = [&](int kt, unsigned (&cur)[Tr::kWeights][kWgKSteps][4], unsigned (&nxt)[Tr::kWeights][kWgKSteps][4]) {
+      issue_stage_wgmma<Tr, kBlockM, kTokens, kDual>(stage(q + kt).tokens(), acc, cur);
+      wgmma_wait<1>();
+      fence_fragments<Tr>(nxt);
+      if (kt > 0) release(q + kt - 1);
+      if (kt + 1 < kts) {
+        acquire(q + kt + 1);
+        weight_fragments<Tr, kTokens, kDual>(stage(q + kt + 1), row0, nxt);
+      }
+    };
     for (int kt = 0; kt < kts; kt += 2) {
-      wgmma_pipeline_step<Tr, kBlockM, kStages, kTokens, kDual>(smem, tokens_f16_buf, v, loader, kt, row0, acc, a0, a1);
-      if (kt + 1 < kts)
-        wgmma_pipeline_step<Tr, kBlockM, kStages, kTokens, kDual>(smem, tokens_f16_buf, v, loader, kt + 1, row0, acc, a1, a0);
+      step(kt, a0, a1);
+      if (kt + 1 < kts) step(kt + 1, a1, a0);
     }
     wgmma_wait<0>();
 #pragma unroll
     for (int w = 0; w < Tr::kWeights; ++w) wgmma_fence_operand(acc[w]);
-    cp_async_wait<0>();
+    release(q + kts - 1);
+    q += kts;
 
     // Epilogue: acc[w][4j + e] is (weight row row0 + 8 (e >= 2), token 8j + 2t + (e & 1)).
 #pragma unroll
@@ -675,6 +693,63 @@ __global__ void __launch_bounds__(WgmmaTraits<kBlockM, kStages, kTokens, kDual>:
           store_out(p, out_dtype, static_cast<long long>(v.row_base) + m, col, out);
         }
     }
+  }
+}
+
+// Same arguments and launch rules as group_gemm_kernel (kTokens: fp16 or bf16 only); kWgThreads
+// (384) threads per CTA; dynamic shared memory: the ring, 2 kStages mbarriers, the tile prefix.
+template <int kBlockM, int kStages, int kTokens, bool kDual>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    group_gemm_wgmma_kernel(const GemmProblem* __restrict__ problems, int num_problems, const int* __restrict__ offsets,
+                            int blocked_scales, int out_dtype) {
+  using Tr = WgmmaTraits<kBlockM, kStages, kTokens, kDual>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Ring ring{reinterpret_cast<unsigned long long*>(smem + Tr::kPipeBytes),
+                  reinterpret_cast<unsigned long long*>(smem + Tr::kPipeBytes) + kStages};
+  int* prefix = reinterpret_cast<int*>(ring.empty + kStages);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&ring.full[s], kWarpgroupThreads);
+      mbar_init(&ring.empty[s], kWgConsumerWarps);
+    }
+  }
+  build_tile_prefix<kBlockM, kBlockN>(problems, num_problems, offsets, prefix);  // ends with a barrier
+  const int total_tiles = prefix[num_problems];
+  if (threadIdx.x < kWarpgroupThreads) {
+    warpgroup_release_registers<kWgProducerRegs>();
+    produce<Tr, kBlockM, kStages, kTokens, kDual>(smem, ring, problems, num_problems, offsets, prefix, total_tiles,
+                                                  blocked_scales != 0);
+  } else {
+    warpgroup_claim_registers<kWgConsumerRegs>();
+    consume<Tr, kBlockM, kStages, kTokens, kDual>(smem, ring, problems, num_problems, offsets, prefix, total_tiles,
+                                                  blocked_scales != 0, out_dtype);
+  }
+}
+
+// W4A4 before the wgmma kernel: the packed NVFP4 tokens of problem blockIdx.y (a, sfa of its table
+// entry) dequantized to exact fp16 q * s (no alpha) into rows of `c` (c_row elements apart: the
+// call's workspace, not its output). One thread per scale block of 16 values: an 8-byte load,
+// one scale byte, two 16-byte stores.
+constexpr int kDequantThreads = 256;
+__global__ void __launch_bounds__(kDequantThreads)
+    dequant_tokens_kernel(const GemmProblem* __restrict__ problems, const int* __restrict__ offsets, int blocked_scales) {
+  const GemmProblem& p = problems[blockIdx.y];
+  const ProblemRows rows = problem_rows(p, offsets);
+  const int blocks_per_row = p.k / kScaleBlock;
+  const long long items = static_cast<long long>(rows.rows) * blocks_per_row;
+  for (long long i = static_cast<long long>(blockIdx.x) * kDequantThreads + threadIdx.x; i < items;
+       i += static_cast<long long>(gridDim.x) * kDequantThreads) {
+    const int r = static_cast<int>(i / blocks_per_row), b = static_cast<int>(i % blocks_per_row);
+    const long long row = rows.row_base + r;
+    const uint2 packed = *reinterpret_cast<const uint2*>(reinterpret_cast<const unsigned char*>(p.a) + row * p.a_row + b * 8);
+    const unsigned char sbits = scale_ptr(p.sfa, static_cast<int>(row), b / kStageScales, p.sfa_row, blocked_scales != 0,
+                                          p.k / kStageK)[b % kStageScales];
+    const __half2 factor = scale_factor(sbits);
+    const Pairs4 lo = dequant_e2m1x8_f16(packed.x, factor);
+    const Pairs4 hi = dequant_e2m1x8_f16(packed.y, factor);
+    uint4* dst = reinterpret_cast<uint4*>(reinterpret_cast<__half*>(p.c) + row * p.c_row + b * kScaleBlock);
+    dst[0] = make_uint4(lo.p[0], lo.p[1], lo.p[2], lo.p[3]);
+    dst[1] = make_uint4(hi.p[0], hi.p[1], hi.p[2], hi.p[3]);
   }
 }
 

@@ -76,19 +76,24 @@ assert PROBLEM_DTYPE.itemsize == 128  # noqa: S101 (a module invariant, not user
 
 
 ARCH_CHOICES = ("portable", "hopper")
-_WGMMA_THREADS = 256  # two warpgroups of 64 weight rows each
+_WGMMA_THREADS = 384  # a producer warpgroup and two consumer warpgroups of 64 weight rows each
 _WGMMA_TOKEN_TILE = STAGE_K * 2  # bytes per token per stage in the wgmma kernel's core-matrix layout (no padding)
+_MBARRIER_BYTES = 8
+_DEQUANT_THREADS = 256  # dequant_tokens_kernel: one thread per scale block of 16 token values
 
 
 @dataclass(frozen=True)
 class GemmKernelConfig(_jit.KernelConfig):
     """One instantiation of ``cuflash::group_gemm_kernel`` (arch "portable", mma.sync, sm_80+) or of
-    ``cuflash::group_gemm_wgmma_kernel`` (arch "hopper", wgmma, sm_90a only) in cuda_src/gemm.cu.
+    ``cuflash::group_gemm_wgmma_kernel`` (arch "hopper", wgmma, warp-specialized, sm_90a only) in
+    cuda_src/gemm.cu. Hopper W4A4 runs ``cuflash::dequant_tokens_kernel`` first (the tokens once to
+    fp16) and then the fp16 wgmma kernel.
 
     tokens: "nvfp4" (W4A4), "float16" or "bfloat16" (W4A16); block_m: tokens per CTA tile (16, 32,
     64 or 128; the wgmma N); warps_m: warps splitting those tokens (4 * warps_m warps in all;
-    portable only, 1 for hopper, whose two warpgroups split the weight rows); stages: cp.async
-    pipeline depth; dual: two weight operands and the silu-gated epilogue.
+    portable only, 1 for hopper, whose two consumer warpgroups split the weight rows); stages:
+    pipeline depth (cp.async groups, or the hopper ring of shared-memory stages); dual: two weight
+    operands and the silu-gated epilogue.
     """
 
     tokens: str = "nvfp4"
@@ -120,14 +125,22 @@ class GemmKernelConfig(_jit.KernelConfig):
     def threads(self) -> int:
         return _WGMMA_THREADS if self.arch == "hopper" else 32 * _WARPS_N * self.warps_m
 
+    @property
+    def dequant_first(self) -> bool:
+        """Hopper W4A4: the tokens go through dequant_tokens_kernel into an fp16 workspace first."""
+        return self.arch == "hopper" and self.tokens == "nvfp4"
+
     def name_expression(self) -> str:
         tok, dual = _TOKEN_KINDS[self.tokens], "true" if self.dual else "false"
         if self.arch == "hopper":
+            tok = _TOKEN_KINDS["float16"] if self.dequant_first else tok
             return f"cuflash::group_gemm_wgmma_kernel<{self.block_m}, {self.stages}, {tok}, {dual}>"
         return f"cuflash::group_gemm_kernel<{self.block_m}, {self.warps_m}, {self.stages}, {tok}, {dual}>"
 
+    DEQUANT_KERNEL = "cuflash::dequant_tokens_kernel"
+
     def name_expressions(self) -> tuple[str, ...]:
-        return (self.name_expression(),)
+        return (self.name_expression(),) + ((self.DEQUANT_KERNEL,) if self.dequant_first else ())
 
     def kernel_name(self) -> str:
         kind = "group_gemm_wgmma" if self.arch == "hopper" else "group_gemm"
@@ -138,21 +151,25 @@ class GemmKernelConfig(_jit.KernelConfig):
         WgmmaTraits in gemm.cu)."""
         weights = 2 if self.dual else 1
         stage = weights * BLOCK_N * (_STAGE_PACKED + _STAGE_SCALES)
-        token_row = _WGMMA_TOKEN_TILE if self.arch == "hopper" else _TOKEN_PITCH
+        prefix = 4 * (num_problems + 1)
+        if self.arch == "hopper":
+            # fp16/bf16 tokens only (W4A4 arrives dequantized); a full and an empty mbarrier per stage
+            stage += self.block_m * _WGMMA_TOKEN_TILE
+            return self.stages * (stage + 2 * _MBARRIER_BYTES) + prefix
         if self.tokens == "nvfp4":
             stage += self.block_m * (_STAGE_PACKED + _STAGE_SCALES)
-            # the wgmma kernel keeps two buffers (the MMAs of one stage read one while the next fills)
-            f16_buffer = self.block_m * token_row * (2 if self.arch == "hopper" else 1)
+            f16_buffer = self.block_m * _TOKEN_PITCH  # the stage's tokens, dequantized
         else:
-            stage += self.block_m * token_row
+            stage += self.block_m * _TOKEN_PITCH
             f16_buffer = 0
-        return self.stages * stage + f16_buffer + 4 * (num_problems + 1)
+        return self.stages * stage + f16_buffer + prefix
 
 
 _BLOCK_M_CHOICES = ((16, 1), (32, 1), (64, 1), (128, 2))  # (block_m, warps_m)
 _DUAL_TILE = (64, 2)
-# wgmma pipeline depth: one stage in the MMAs, one being dequantized, the rest landing
-_HOPPER_STAGES = 5
+# wgmma ring depth: the consumers hold two stages (one in the MMAs, one being dequantized), the
+# producer keeps stages / 2 in flight; 8 stages of 128 tokens are 164 KB of shared memory
+_HOPPER_STAGES = 8
 
 
 def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable") -> GemmKernelConfig:
@@ -164,9 +181,8 @@ def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable
     the largest token tile that does not mostly compute padding wins.
     """
     if arch == "hopper":
-        # wgmma m64 n(block_m): each warpgroup holds block_m / 2 fp32 accumulators per thread and
-        # weight operand, so the portable tile sizes fit as they are (dual: 2 x 32 at 64 tokens).
-        # Not yet measured on a GPU: the same token tiles as the portable kernel.
+        # wgmma m64 n(block_m): each consumer thread holds block_m / 2 fp32 accumulators per weight
+        # operand under the 168-register cap of 384 threads (dual: 2 x 32 at 64 tokens).
         bm = 64 if dual else next((b for b, _ in _BLOCK_M_CHOICES if rows_hint <= b), 128)
         return GemmKernelConfig(tokens, bm, 1, _HOPPER_STAGES, dual=dual, arch="hopper")
     if dual:
@@ -201,14 +217,14 @@ WGMMA_ENV = "CUFLASH_GEMM_WGMMA"
 
 
 def hopper_is_faster(tokens: str, dual: bool, rows_hint: int, ragged: bool = False) -> bool:
-    """Where the wgmma kernel beat the portable one on the H100 (bench/bench_group_gemm.py, both
-    kernels in one session, bench/results/bench_group_gemm*.json, 2026-11-23): every dual GEMM case
-    (W4A4 and W4A16, 3-10%) and the W4A4 group GEMMs of 128 and 256 tokens per group (6-23%); the
-    portable kernel won the W4A16 group GEMMs (7-37%) and the MoE decode, ragged with a few tokens per
-    expert (16-33%)."""
+    """Where the wgmma kernel is expected to beat the portable one on an H100: groups of more than
+    32 tokens and the dual GEMM, W4A4 and W4A16 alike (the warp-specialized kernel's per-stage work
+    per token shrinks with the token tile). The portable kernel keeps the MoE decode (ragged, a few
+    tokens per expert), where it beat the first wgmma kernel by 16-33% (2026-11-23). Revisit with
+    bench/bench_group_gemm.py, both kernels in one session (CUFLASH_GEMM_WGMMA=0 / =1)."""
     if ragged:
         return False
-    return dual or (tokens == "nvfp4" and rows_hint > 32)
+    return dual or rows_hint > 32
 
 
 def launch_arch(device_id: int, tokens: str = "nvfp4", dual: bool = False, rows_hint: int = 0,
@@ -662,25 +678,73 @@ def _device_table(cp, table: np.ndarray, device_id: int):
 
 
 @dataclass
-class _Prepared:
-    """Everything one GEMM launch needs once its arguments are validated: replayed as is when the
-    same arrays (same addresses, shapes, strides, dtypes) come back (see _launch_key)."""
-
-    kernel: Any  # _jit.Kernel, or None when there is nothing to compute
-    grid: int
+class _Launch:
+    kernel: Any  # _jit.Kernel
+    grid: Any  # int or tuple
     threads: int
     smem: int
     args: tuple
 
+
+@dataclass
+class _Prepared:
+    """Everything one GEMM call launches once its arguments are validated (nothing when there is
+    nothing to compute; two kernels for Hopper W4A4), replayed as is when the same arrays (same
+    addresses, shapes, strides, dtypes) come back (see _launch_key). ``workspace`` keeps the
+    dequantized tokens' buffer alive as long as the launches that use it."""
+
+    launches: list
+    workspace: Any = None
+
     def launch(self, stream) -> None:
-        if self.kernel is not None:
-            self.kernel.launch(self.grid, self.threads, self.args, stream=stream, smem=self.smem)
+        for ln in self.launches:
+            ln.kernel.launch(ln.grid, ln.threads, ln.args, stream=stream, smem=ln.smem)
+
+
+def dequant_workspace_tables(table: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Hopper W4A4: the tokens of every problem dequantized to fp16 rows of a workspace at device
+    address ``base``. Returns (the table dequant_tokens_kernel reads: c / c_row = the problem's
+    workspace rows and their stride in elements; the table the wgmma kernel reads: a / a_row = the
+    same rows as fp16 tokens; the workspace size in bytes). Ragged problems share one [rows_total, K]
+    token matrix; the others get [m, K] each, one after the other (K % 64 == 0 keeps every start
+    128-byte aligned)."""
+    k = table["k"].astype(np.int64)
+    if (table["m"] < 0).any():
+        rows = np.full(len(table), int(table["rows_total"][0]), dtype=np.int64)
+        starts = np.zeros(len(table), dtype=np.int64)
+        nbytes = int(rows[0] * k[0] * 2)
+    else:
+        sizes = table["m"].astype(np.int64) * k * 2
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        nbytes = int(sizes.sum())
+    deq, main = table.copy(), table.copy()
+    deq["c"], deq["c_row"] = base + starts, k
+    main["a"], main["a_row"], main["sfa"], main["sfa_row"] = base + starts, 2 * k, 0, 0
+    return deq, main, nbytes
+
+
+def dequant_grid(table: np.ndarray) -> tuple[int, int]:
+    """(x, y) grid of dequant_tokens_kernel: y = one problem each, x enough threads for the largest
+    problem's scale blocks (ragged: the whole token matrix bounds each expert's rows)."""
+    rows = np.where(table["m"] < 0, table["rows_total"], table["m"]).astype(np.int64)
+    items = int((rows * (table["k"].astype(np.int64) // SCALE_BLOCK)).max())
+    return max(1, min(V.ceil_div(items, _DEQUANT_THREADS), 4096)), len(table)
 
 
 def _prepare(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int, offsets, blocked: bool,
              out_dtype: str) -> _Prepared:
     if tiles_bound == 0 or len(table) == 0:
-        return _Prepared(None, 0, 0, 0, ())
+        return _Prepared([])
+    # offsets travel as a raw address (a null pointer when no problem is ragged), so a replayed
+    # launch holds no reference to the caller's array
+    offs = np.uint64(0 if offsets is None else _ptr(offsets))
+    launches, workspace = [], None
+    if cfg.dequant_first:
+        workspace = cp.empty(max(1, dequant_workspace_tables(table, 0)[2]), dtype=cp.uint8)
+        deq_table, table, _ = dequant_workspace_tables(table, int(workspace.data.ptr))
+        dk = _jit.get_kernel(cfg, cfg.DEQUANT_KERNEL, ctx.device_id)
+        launches.append(_Launch(dk, dequant_grid(deq_table), _DEQUANT_THREADS, 0,
+                                (_device_table(cp, deq_table, ctx.device_id), offs, np.int32(int(blocked)))))
     dev_table = _device_table(cp, table, ctx.device_id)
     kernel = _jit.get_kernel(cfg, cfg.name_expression(), ctx.device_id)
     smem = cfg.smem_bytes(len(table))
@@ -688,11 +752,9 @@ def _prepare(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int
     if smem > limit:
         raise ValueError(f"too many products in one call: {len(table)} need {smem} bytes of shared memory, the GPU allows {limit}")
     grid = min(tiles_bound, _jit.sm_count(ctx.device_id) * kernel.resident_blocks_per_sm(cfg.threads, smem))
-    # offsets travel as a raw address (a null pointer when no problem is ragged), so a replayed
-    # launch holds no reference to the caller's array
-    offs = np.uint64(0 if offsets is None else _ptr(offsets))
     args = (dev_table, np.int32(len(table)), offs, np.int32(int(blocked)), np.int32(_OUT_CODES[out_dtype]))
-    return _Prepared(kernel, grid, cfg.threads, smem, args)
+    launches.append(_Launch(kernel, grid, cfg.threads, smem, args))
+    return _Prepared(launches, workspace)
 
 
 # Host overhead per call matters (GPU MODE times 15 back-to-back calls; a decode step is a few

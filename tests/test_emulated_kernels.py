@@ -47,7 +47,7 @@ ATTN_KERNELS = list(dict.fromkeys(
 def mods():
     nv, gm, at = cuda_emu.build_many([
         ("nvfp4.cu", NVFP4_KERNELS),
-        ("gemm.cu", [c.name_expression() for c in GEMM_CONFIGS]),
+        ("gemm.cu", list(dict.fromkeys(k for c in GEMM_CONFIGS for k in c.name_expressions()))),
         ("attention.cu", ATTN_KERNELS),
     ])
     return {"nvfp4": nv, "gemm": gm, "attention": at}
@@ -142,10 +142,19 @@ MAX_CTAS = 3  # persistent grid: fewer CTAs than tiles, so CTAs loop
 
 
 def _launch_gemm(gm, cfg, table, tiles_bound, offsets, blocked, odt, schedule="round_robin"):
+    """The launches gemm._prepare makes (Hopper W4A4: the token dequant into a workspace first), with
+    host buffers and small grids."""
     if tiles_bound == 0 or len(table) == 0:
         return
     grid = min(tiles_bound, MAX_CTAS)
     offs = offsets if offsets is not None else np.uint64(0)
+    if cfg.dequant_first:
+        nbytes = gemm.dequant_workspace_tables(table, 0)[2]
+        workspace = np.full(max(nbytes, 2) // 2, np.nan, dtype=np.float16)  # poisoned: every token row read must be written
+        deq, table, _ = gemm.dequant_workspace_tables(table, workspace.ctypes.data)
+        gx, gy = gemm.dequant_grid(deq)
+        gm.launch(cfg.DEQUANT_KERNEL, (min(gx, 2), gy), gemm._DEQUANT_THREADS, [deq, offs, np.int32(int(blocked))],
+                  schedule=schedule)
     gm.launch(cfg.name_expression(), grid, cfg.threads,
               [table, np.int32(len(table)), offs, np.int32(int(blocked)), np.int32(gemm._OUT_CODES[odt])],
               smem=cfg.smem_bytes(len(table)), schedule=schedule)
@@ -256,6 +265,7 @@ def test_dual_gemm(mods, rng, schedule, tokens, m, n, k, layout):
         ("bfloat16", [70], [136], [320], "plain", "float16"),                # N 128, 5 k-stages: the ring wraps
         ("nvfp4", [5, 33, 0], [200, 72, 64], [192, 64, 128], "plain", "float16"),  # W4A4, an empty group
         ("nvfp4", [17], [136], [512], "blocked", "float32"),                 # W4A4, 8 k-stages
+        ("float16", [20, 9], [72, 40], [1280, 64], "plain", "float16"),     # 20 k-stages: the producer waits for the ring
     ],
 )
 def test_group_gemm_wgmma(mods, rng, schedule, tokens, ms, ns, ks, layout, odt):
@@ -288,12 +298,12 @@ def test_group_gemm_ragged_wgmma(mods, rng):
 
 def test_wgmma_selection(monkeypatch):
     """The wgmma kernel runs only on a compute capability 9.0 device: forced by CUFLASH_GEMM_WGMMA=1,
-    never with =0, else where the H100 measured it faster (W4A4 with > 32 tokens per group, dual)."""
+    never with =0, else for groups of more than 32 tokens and the dual GEMM (never ragged)."""
     from cuflash import _jit
 
     calls = [(("nvfp4", False, 128), "hopper"), (("nvfp4", True, 16), "hopper"), (("float16", True, 256), "hopper"),
-             (("nvfp4", False, 16), "portable"), (("float16", False, 128), "portable"),
-             (("bfloat16", False, 4096), "portable")]
+             (("nvfp4", False, 16), "portable"), (("float16", False, 128), "hopper"),
+             (("bfloat16", False, 4096), "hopper"), (("float16", False, 32), "portable")]
     for cc, env in [((9, 0), "1"), ((9, 0), None), ((9, 0), "0"), ((8, 9), "1"), ((8, 0), None), ((10, 0), "1")]:
         monkeypatch.setattr(_jit, "device_cc", lambda device_id, cc=cc: cc)
         if env is None:
@@ -305,7 +315,7 @@ def test_wgmma_selection(monkeypatch):
             assert gemm.launch_arch(0, *args) == want, (cc, env, args)
             assert gemm.launch_arch(0, *args, ragged=True) == ("hopper" if cc == (9, 0) and env == "1" else "portable")
     hopper = [c for c in GEMM_CONFIGS if c.arch == "hopper"]
-    assert hopper and all(c.family == _jit.ARCH_HOPPER and c.threads == 256 for c in hopper)
+    assert hopper and all(c.family == _jit.ARCH_HOPPER and c.threads == 384 for c in hopper)
     for tok in ("nvfp4", "float16", "bfloat16"):
         for rows in (0, 1, 16, 17, 33, 64, 65, 10000):
             assert gemm.choose_config(tok, False, rows, "hopper") in hopper

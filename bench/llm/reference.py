@@ -42,7 +42,8 @@ def dequantize_torch(w: QuantWeight, device="cpu"):
 
 
 def reference_model(model, weights, *, inplace: bool = False):
-    """A float32 copy of ``model`` (or the model itself, inplace) holding the runner's weights.
+    """A float32 copy of ``model`` (or the model itself, inplace) holding the runner's weights, with fp32 RoPE
+    frequencies however the model's buffers were rounded before.
 
     Tied embeddings are untied (the lm head is NVFP4, the embedding bf16); MoE experts run transformers'
     plain per-expert loop ("eager") where the implementation can be chosen.
@@ -53,6 +54,9 @@ def reference_model(model, weights, *, inplace: bool = False):
     ref = ref.float().eval()
     dev = next(ref.parameters()).device
     inner = ref.model
+    # The RoPE frequencies are a floating-point buffer: a model once moved to bf16 keeps them rounded to bf16
+    # (a relative error of ~4e-3 in every angle, growing with position). Rebuild them in fp32 from the config.
+    inner.rotary_emb = type(inner.rotary_emb)(config=ref.config).to(device=dev, dtype=torch.float32)
 
     def put(param, w: QuantWeight):
         param.data.copy_(dequantize_torch(w, dev).reshape(param.shape))

@@ -78,6 +78,19 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// Warp-specialized kernels: a warpgroup gives registers back (producer) or takes them (consumers),
+// within the kernel's cap at entry (__launch_bounds__(threads, 1)); every thread of the warpgroup
+// executes it. kRegs: a multiple of 8 in [24, 256].
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
 // D (64 x kN) += A (64 x 16, registers) * B (16 x kN, descriptor), T = __half or __nv_bfloat16.
 template <int kN, typename T>
 __device__ __forceinline__ void wgmma_m64k16_rs(float (&d)[kN / 2], const unsigned (&a)[4], unsigned long long desc_b);

@@ -10,7 +10,9 @@ How it works:
 - ``cuda_src/`` is copied to a build folder, the only files with inline PTX are replaced
   (``OVERLAYS``): ``common/mma.cuh`` by ``mma_emulated.cuh`` (cp.async, ldmatrix, mma.sync and
   ex2.approx written from the PTX ISA), ``common/wgmma.cuh`` by ``wgmma_emulated.cuh`` (wgmma.mma_async
-  with its matrix descriptors, fences and commit groups, fence.proxy.async), and every
+  with its matrix descriptors, fences and commit groups, fence.proxy.async), ``common/mbarrier.cuh`` by
+  ``mbarrier_emulated.cuh`` (mbarrier.init / arrive / try_wait.parity; a wait blocks its thread until
+  the barrier's phase changes, so a wait nothing can complete is a deadlock), and every
   ``extern __shared__ T name[];`` becomes a pointer to the block's dynamic shared memory. Nothing else
   in the kernel source changes.
 - ``include/`` holds minimal host stand-ins for ``crt/host_defines.h`` and ``<nv/target>``, which the
@@ -23,7 +25,12 @@ Checks the emulation adds: cp.async / ldmatrix / wgmma operand addresses inside 
 shared memory and aligned, shared memory filled with NaN bytes before every block and guarded after
 it, cp.async data landing only at the cp.async.wait_group that retires its group; wgmma results
 reaching the accumulators only at the wgmma.wait_group that retires them (NaN before), a wgmma.fence
-before each batch of wgmmas, cp.async data read by wgmma only after its fence.proxy.async.
+before each batch of wgmmas, cp.async data read by wgmma only after its fence.proxy.async; mbarriers
+in shared memory, 8-byte aligned, initialised once (count 1..2^20-1) and by another thread only after a
+__syncthreads, their bytes not overwritten, wait parity 0 or 1.
+
+Tests may also compile a source text of their own (``build(name, kernels, text=...)``): it is placed
+next to the copy of ``cuda_src/``, so it includes the headers as the kernels do (``"common/mbarrier.cuh"``).
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ HERE = Path(__file__).resolve().parent
 SHIM = HERE / "cuda_host_shim.h"
 MMA = HERE / "mma_emulated.cuh"
 #: cuda_src files holding inline PTX -> their host stand-ins (no other file may contain asm).
-OVERLAYS = {"common/mma.cuh": MMA, "common/wgmma.cuh": HERE / "wgmma_emulated.cuh"}
+OVERLAYS = {"common/mma.cuh": MMA, "common/wgmma.cuh": HERE / "wgmma_emulated.cuh",
+            "common/mbarrier.cuh": HERE / "mbarrier_emulated.cuh"}
 INCLUDE = HERE / "include"
 CXX_FLAGS = ("-std=c++20", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off", "-w")
 
@@ -155,24 +163,27 @@ def _c_value(a):
     raise TypeError(f"kernel argument of type {type(a).__name__}: pass a numpy array, a sized numpy scalar or a ctypes value")
 
 
-def _key(source: str, kernels: Sequence[str], src_root: Path, include_dir: str) -> str:
+def _key(source: str, kernels: Sequence[str], src_root: Path, include_dir: str, text: str | None) -> str:
     h = hashlib.sha256()
     for p in sorted(list(src_root.rglob("*.cu")) + list(src_root.rglob("*.cuh"))) + sorted(
         [SHIM, *OVERLAYS.values()] + [p for p in INCLUDE.rglob("*") if p.is_file()]
     ):
         h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
-    h.update(repr((source, tuple(kernels), CXX_FLAGS, include_dir)).encode())
+    h.update(repr((source, tuple(kernels), CXX_FLAGS, include_dir, text)).encode())
     h.update(subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.encode())
     return h.hexdigest()[:24]
 
 
-def _prepare(source: str, kernels: Sequence[str]):
-    """(library path, compile command or None if cached, build folder or None)."""
+def _prepare(source: str, kernels: Sequence[str], text: str | None = None):
+    """(library path, compile command or None if cached, build folder or None). text: the source of
+    ``source`` when it is not a file of cuda_src (a test's own kernels)."""
     from cuflash import _jit
 
     src_root = _jit.source_dir()
+    if text is not None and (src_root / source).exists():
+        raise EmulatorError(f"{source}: a file of cuda_src/ already has this name")
     include_dir = _jit.cuda_include_dir()
-    key = _key(source, kernels, src_root, include_dir)
+    key = _key(source, kernels, src_root, include_dir, text)
     lib = _cache_dir() / f"{Path(source).stem}-{key}.so"
     if lib.is_file():
         return lib, None, None
@@ -182,8 +193,9 @@ def _prepare(source: str, kernels: Sequence[str]):
         dst = build / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         overlay = OVERLAYS.get(rel.as_posix())
-        text = overlay.read_text() if overlay is not None else p.read_text()
-        dst.write_text(_rewrite_shared(text, rel.as_posix()))
+        dst.write_text(_rewrite_shared(overlay.read_text() if overlay is not None else p.read_text(), rel.as_posix()))
+    if text is not None:
+        (build / source).write_text(_rewrite_shared(text, source))
     (build / "cuemu_main.cpp").write_text(_main_cpp(source, kernels))
     tmp_out = build / "out.so"
     cmd = ["g++", *CXX_FLAGS, "-include", str(SHIM), f"-I{INCLUDE}", f"-I{include_dir}", f"-I{build}",
@@ -191,9 +203,10 @@ def _prepare(source: str, kernels: Sequence[str]):
     return lib, cmd, build
 
 
-def build_many(requests: Sequence[tuple[str, Sequence[str]]]) -> list[Module]:
-    """Compile several (source, kernel name expressions) modules, the missing ones in parallel."""
-    prepared = [_prepare(src, ks) for src, ks in requests]
+def build_many(requests: Sequence[tuple]) -> list[Module]:
+    """Compile several (source, kernel name expressions[, source text]) modules, the missing ones in
+    parallel (see :func:`build`)."""
+    prepared = [_prepare(*req) for req in requests]
     procs = [(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) if cmd else None)
              for _, cmd, _ in prepared]
     try:
@@ -211,10 +224,12 @@ def build_many(requests: Sequence[tuple[str, Sequence[str]]]) -> list[Module]:
         for _, _, build in prepared:
             if build is not None:
                 shutil.rmtree(build, ignore_errors=True)
-    return [Module(lib, ks) for (lib, _, _), (_, ks) in zip(prepared, requests)]
+    return [Module(lib, req[1]) for (lib, _, _), req in zip(prepared, requests)]
 
 
-def build(source: str, kernels: Sequence[str]) -> Module:
+def build(source: str, kernels: Sequence[str], text: str | None = None) -> Module:
     """Compile (or load from the cache) the host build of ``source`` (e.g. "gemm.cu") exporting the
-    given kernel name expressions (e.g. "cuflash::group_gemm_kernel<16, 1, 4, 0, false>")."""
-    return build_many([(source, kernels)])[0]
+    given kernel name expressions (e.g. "cuflash::group_gemm_kernel<16, 1, 4, 0, false>").
+    text: a test's own source for ``source`` (a name not in cuda_src/, e.g. "test_mbarrier.cu"),
+    compiled next to the copy of cuda_src/ like its files."""
+    return build_many([(source, kernels, text)])[0]

@@ -2,10 +2,11 @@
 // (g++ -include cuda_host_shim.h). See tests/cuda_emu/__init__.py for how it is built and used.
 //
 // Execution: one block at a time, each CUDA thread a fiber (ucontext) on ONE OS thread, switched
-// only at synchronization points (__syncthreads, warp collectives, emulated ldmatrix / mma.sync).
+// only at synchronization points (__syncthreads, warp collectives, emulated ldmatrix / mma.sync,
+// mbarrier waits).
 // Every run is therefore deterministic; a block whose threads can no longer all meet at a barrier
-// (divergent __syncthreads, a warp collective with lanes missing) is reported as a deadlock instead
-// of hanging. Shared memory is filled with 0xFF bytes (NaN as fp16 / bf16 / fp32) before each block
+// (divergent __syncthreads, a warp collective with lanes missing, an mbarrier wait no arrival can
+// complete) is reported as a deadlock instead of hanging. Shared memory is filled with 0xFF bytes (NaN as fp16 / bf16 / fp32) before each block
 // and guarded by a canary checked after it.
 #pragma once
 
@@ -17,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -58,6 +60,7 @@ struct Fiber {
   bool done = false;
   Barrier* waiting = nullptr;
   unsigned long wait_gen = 0;
+  std::string wait_what;  // set by wait_for_gen: what the thread waits at, for a deadlock report
   // cp.async: copies issued but not yet complete, with the commit group each belongs to
   struct Copy { void* dst; const void* src; int bytes; bool zero; unsigned long group; };
   std::vector<Copy> pending;
@@ -79,6 +82,15 @@ struct Fiber {
   bool wg_fenced = false;  // a wgmma.fence since the last wgmma.wait_group (or the start)
 };
 
+// An mbarrier (mbarrier_emulated.cuh): phase.expected arrivals per phase, phase.arrived of the current
+// phase so far, phase.gen the phase number; the thread that initialised it and the block barrier's
+// generation then (other threads may use it only after a __syncthreads).
+struct MBarrier {
+  Barrier phase;
+  int init_thread = 0;
+  unsigned long init_sync = 0;
+};
+
 // Order in which runnable threads of a block are resumed (see launch_impl).
 enum Schedule { kRoundRobin = 0, kLowFirst = 1, kHighFirst = 2 };
 
@@ -93,6 +105,7 @@ struct State {
   std::vector<Barrier> wg_bars;
   std::vector<unsigned char> wg_slots;    // [warpgroups][128][kSlotBytes]
   std::vector<unsigned short> unfenced_owner;  // per shared byte: 1 + thread that landed it unfenced, or 0
+  std::map<size_t, MBarrier> mbars;  // this block's initialised mbarriers by shared-memory offset (nodes never move)
   Barrier block_bar;
   int exited = 0;
   ucontext_t sched;
@@ -125,6 +138,19 @@ inline void wait_on(Barrier& b) {
   f.waiting = &b;
   f.wait_gen = gen;
   swapcontext(&f.ctx, &s.sched);
+}
+
+// Blocks the calling thread, without arriving, until b.gen changes: a wait that other threads complete
+// (an mbarrier phase). The caller re-checks its condition after it returns. `what` describes the wait in
+// a deadlock report.
+inline void wait_for_gen(Barrier& b, std::string what) {
+  State& s = S();
+  Fiber& f = *s.cur;
+  f.waiting = &b;
+  f.wait_gen = b.gen;
+  f.wait_what = std::move(what);
+  swapcontext(&f.ctx, &s.sched);
+  f.wait_what.clear();
 }
 
 // All lanes of the calling warp meet here (every warp collective uses the full mask in cuflash).
@@ -279,6 +305,7 @@ int launch(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem, void** a
 #define gridDim (::cuemu::S().grid)
 
 inline void __syncthreads() { cuemu::block_sync(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cuemu::warp_sync(); }  // cuflash uses the full mask only
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
@@ -405,7 +432,8 @@ inline std::string describe_deadlock() {
   for (const Fiber& f : s.fibers) {
     if (f.done || shown >= 6) continue;
     const bool at_block = f.waiting == &s.block_bar;
-    msg += "thread " + std::to_string(f.linear) + (at_block ? " at __syncthreads; " : " at a warp collective; ");
+    const std::string at = !f.wait_what.empty() ? f.wait_what : at_block ? "__syncthreads" : "a warp collective";
+    msg += "thread " + std::to_string(f.linear) + " at " + at + "; ";
     ++shown;
   }
   msg += std::to_string(s.exited) + " threads exited";
@@ -448,6 +476,7 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem, void (*body)(void*),
         for (int w = 0; w < warpgroups; ++w)
           s.wg_bars[w] = Barrier{0, static_cast<int>(std::min<long long>(kWarpgroup, n - 1LL * kWarpgroup * w)), 0};
         std::fill(s.unfenced_owner.begin(), s.unfenced_owner.end(), 0);
+        s.mbars.clear();  // mbarriers live in shared memory: each block initialises its own
         for (long long i = 0; i < n; ++i) {
           Fiber& f = s.fibers[i];
           f = Fiber{};

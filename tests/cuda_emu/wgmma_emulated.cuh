@@ -38,6 +38,19 @@ constexpr int kWgmmaM = 64;
 constexpr int kCoreRows = 8;
 constexpr int kCoreBytes = kCoreRows * 16;
 
+// setmaxnreg: register budgets do not exist on the host; every thread of the warpgroup must still
+// execute it (.sync.aligned).
+template <int kRegs>
+inline void warpgroup_release_registers() {
+  static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg: a multiple of 8 in [24, 256]");
+  ::cuemu::warpgroup_sync();
+}
+template <int kRegs>
+inline void warpgroup_claim_registers() {
+  static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg: a multiple of 8 in [24, 256]");
+  ::cuemu::warpgroup_sync();
+}
+
 namespace wgmma_emu {
 
 constexpr unsigned long long kField = 0x3FFFull;  // 14-bit address / offset fields, units of 16 bytes
