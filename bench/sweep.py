@@ -23,9 +23,11 @@ from common import Results, environment, gemm_operands, require_gpu_or_exit, tim
 GPUMODE = [("g8_n4096_k7168", 8, 128, 4096, 7168), ("g8_n7168_k2048", 8, 128, 7168, 2048),
            ("g2_n3072_k4096", 2, 256, 3072, 4096), ("g2_n4096_k1536", 2, 256, 4096, 1536)]
 # (block_m, warps_m, stages)
-PORTABLE = [(128, 2, 4), (128, 2, 3), (128, 2, 6), (128, 4, 4), (64, 1, 4), (64, 2, 4)]
-# (block_m, stages)
-HOPPER = [(128, 8), (128, 6), (128, 4), (128, 10), (64, 8), (64, 12)]
+PORTABLE = [(128, 2, 4), (64, 1, 4)]
+# (block_m, stages, knobs: -D options of gemm.cu's sweep knobs)
+HOPPER = [(128, 8, ()), (128, 8, ("CUFLASH_WG_TOKEN_LINES=1",)), (128, 8, ("CUFLASH_WG_LAG=2",)),
+          (128, 8, ("CUFLASH_WG_LAG=6",)), (128, 10, ("CUFLASH_WG_LAG=6", "CUFLASH_WG_TOKEN_LINES=1")),
+          (128, 4, ()), (64, 8, ()), (64, 8, ("CUFLASH_WG_TOKEN_LINES=1",)), (64, 12, ("CUFLASH_WG_LAG=8",))]
 # (block_n, warps, stages)
 DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 4), (128, 4, 2), (64, 2, 3)]
 SPLIT_FACTORS = [1, 2, 4]
@@ -60,7 +62,7 @@ def sweep_gemm(cp, res, iters):
             want = [o.copy() for o in out]
             configs = [gemm.GemmKernelConfig(tokens, bm, wm, st) for bm, wm, st in PORTABLE]
             if hopper:
-                configs += [gemm.GemmKernelConfig(tokens, bm, 1, st, arch="hopper") for bm, st in HOPPER]
+                configs += [gemm.GemmKernelConfig(tokens, bm, 1, st, arch="hopper", knobs=kn) for bm, st, kn in HOPPER]
             for cfg in configs:
                 name = cfg.kernel_name()
                 try:

@@ -105,6 +105,7 @@ struct GemmTraits {
   __device__ __forceinline__ static int token_chunk_offset(int r, int c) { return r * kTokenPitch + c * 16; }
   // fp16/bf16 token copies: one row's chunks on consecutive threads (see TileLoader::token_row)
   static constexpr bool kTokenRowsInner = false;
+  static constexpr bool kTokenLines = false;
 };
 
 // One tile's view of its problem.
@@ -190,10 +191,15 @@ struct TileLoader {
   // already; measured ~15% faster in W4A16 than the other order on the H100, NOTES.md). Packed NVFP4
   // tokens: 2 chunks per row, natural order.
   static constexpr bool kRowsInner = kTokens != kTokensNVFP4 && Tr::kTokenRowsInner;
+  // kTokenLines (wgmma, bench/gemm_variants.py): each warp copies 4 whole 128-byte token rows (8
+  // chunks each; 2-way shared-memory write conflicts) instead of half rows of 8 tokens.
+  static constexpr bool kLines = kRowsInner && Tr::kTokenLines;
   __device__ __forceinline__ static int token_row(int i) {
+    if (kLines) return (i & 3) + 4 * (i / (4 * kTokenChunks));
     return kRowsInner ? (i & 7) + 8 * (i / (8 * kTokenChunks)) : i / kTokenChunks;
   }
   __device__ __forceinline__ static int token_chunk(int i) {
+    if (kLines) return (i >> 2) % kTokenChunks;
     return kRowsInner ? (i >> 3) % kTokenChunks : i % kTokenChunks;
   }
   static_assert(kTokens == kTokensNVFP4 || kBlockM % 8 == 0, "token rows in groups of 8");
@@ -470,6 +476,13 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
 // tokens][16 bytes], i.e. core matrix (token group j, chunk c) at j * 1024 + c * 128. For k step s
 // the descriptor starts at chunk 2s: LBO = 128 (chunk 2s+1, the next 8 k), SBO = 1024 (the next 8
 // tokens). No swizzle.
+// Knobs for bench/gemm_variants.py (-D through GemmKernelConfig.defines); the defaults are what ships.
+#ifndef CUFLASH_WG_TOKEN_LINES
+#define CUFLASH_WG_TOKEN_LINES 0
+#endif
+#ifndef CUFLASH_WG_LAG
+#define CUFLASH_WG_LAG 0
+#endif
 constexpr int kWgConsumers = 2;                              // consumer warpgroups of 64 weight rows
 constexpr int kWgThreads = (1 + kWgConsumers) * kWarpgroupThreads;  // 384 threads per CTA
 constexpr int kWgConsumerWarps = kWgConsumers * kWarpgroupThreads / 32;
@@ -502,12 +515,13 @@ struct WgmmaTraits {
   static constexpr int kPipeBytes = kStages * kStageBytes;
   // Stages whose copies may still be in flight when an older one is published; the consumers work
   // on the stages before those, so a ring of kStages keeps kStages - kLag - 1 published stages ahead.
-  static constexpr int kLag = kStages / 2;
+  static constexpr int kLag = CUFLASH_WG_LAG > 0 ? CUFLASH_WG_LAG : kStages / 2;
   static_assert(kBlockM % 16 == 0 && kBlockM >= 16 && kBlockM <= 256, "wgmma N: a multiple of 16 up to 256");
   static_assert(kStageBytes % 16 == 0, "stage buffers (and wgmma's token tiles) must stay 16-byte aligned");
   static_assert(kStages >= 3 && kLag >= 1 && kLag <= kStages - 2, "the ring needs room to publish ahead");
   // fp16/bf16 token copies: 8 rows of one chunk on consecutive threads (see TileLoader::token_row)
   static constexpr bool kTokenRowsInner = true;
+  static constexpr bool kTokenLines = CUFLASH_WG_TOKEN_LINES != 0;
   // Core-matrix position of chunk c of token row r (see above).
   __device__ __forceinline__ static int token_chunk_offset(int r, int c) {
     return (r / kCoreRows) * kWgTokenGroupBytes + c * kCoreBytes + (r % kCoreRows) * 16;

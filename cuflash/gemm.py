@@ -102,7 +102,12 @@ class GemmKernelConfig(_jit.KernelConfig):
     stages: int = 4
     dual: bool = False
     arch: str = "portable"
+    #: -D options of the sweep's knobs (bench/sweep.py; gemm.cu "Knobs"), empty in what ships
+    knobs: tuple = ()
     source = "gemm.cu"
+
+    def defines(self) -> tuple[str, ...]:
+        return tuple(f"-D{k}" for k in self.knobs)
 
     def __post_init__(self):
         if self.tokens not in _TOKEN_KINDS:
@@ -144,7 +149,8 @@ class GemmKernelConfig(_jit.KernelConfig):
 
     def kernel_name(self) -> str:
         kind = "group_gemm_wgmma" if self.arch == "hopper" else "group_gemm"
-        return f"{kind}_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}_wm{self.warps_m}_s{self.stages}"
+        knobs = "".join(f"_{k.lower()}" for k in self.knobs)
+        return f"{kind}_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}_wm{self.warps_m}_s{self.stages}{knobs}"
 
     def smem_bytes(self, num_problems: int) -> int:
         """Dynamic shared memory of a launch over ``num_problems`` problems (GemmTraits /
