@@ -3,7 +3,7 @@ pick, to choose tile sizes, pipeline depths and split counts from measurements (
 
     python bench/sweep.py [gemm] [attention] [--json PATH] [--iters 20]
 
-gemm: the four GPU MODE group GEMM cases, W4A4 and W4A16, each config of PORTABLE and HOPPER (hopper
+gemm: the four GPU MODE group GEMM cases (bench_group_gemm.GPUMODE_GROUP's row counts), W4A4 and W4A16, each config of PORTABLE and HOPPER (hopper
 only on compute capability 9.0). attention: decode B=1 S=32768 and B=16 S=8192 (page 16) over
 DECODE_CONFIGS x split multipliers, and prefill B=1 S=4096 over PREFILL_CONFIGS (32 query heads, 8 KV
 heads, d128, fp16). Each output is compared with the default choice's output (max |diff|, printed), so
@@ -18,10 +18,10 @@ import sys
 
 import numpy as np
 
+from bench_group_gemm import GPUMODE_GROUP
 from common import Results, environment, gemm_operands, require_gpu_or_exit, time_fn
 
-GPUMODE = [("g8_n4096_k7168", 8, 128, 4096, 7168), ("g8_n7168_k2048", 8, 128, 7168, 2048),
-           ("g2_n3072_k4096", 2, 256, 3072, 4096), ("g2_n4096_k1536", 2, 256, 4096, 1536)]
+
 # (block_m, warps_m, stages)
 PORTABLE = [(128, 2, 4), (64, 1, 4)]
 # (block_m, stages, knobs: -D options of gemm.cu's sweep knobs)
@@ -53,11 +53,13 @@ def sweep_gemm(cp, res, iters):
 
     rng = np.random.default_rng(0)
     hopper = _jit.device_cc(cp.cuda.Device().id) == (9, 0)
-    for case, G, M, N, K in GPUMODE:
+    for case, ms, N, K in GPUMODE_GROUP:  # the benchmark's row counts (uneven: tile padding matters)
         for form in ("W4A4", "W4A16"):
             tokens = "nvfp4" if form == "W4A4" else "float16"
-            A, B, SA, SB = gemm_operands(cp, rng, G, M, N, K, form)
-            out = [cp.empty((M, N), dtype=cp.float32) for _ in range(G)]
+            ops = [gemm_operands(cp, rng, 1, m, N, K, form) for m in ms]
+            A, B, SB = [o[0][0] for o in ops], [o[1][0] for o in ops], [o[3][0] for o in ops]
+            SA = None if form == "W4A16" else [o[2][0] for o in ops]
+            out = [cp.empty((m, N), dtype=cp.float32) for m in ms]
             gemm.group_gemm(A, B, SA, SB, out=out)  # the default choice: the yardstick
             want = [o.copy() for o in out]
             configs = [gemm.GemmKernelConfig(tokens, bm, wm, st) for bm, wm, st in PORTABLE]
@@ -66,12 +68,16 @@ def sweep_gemm(cp, res, iters):
             for cfg in configs:
                 name = cfg.kernel_name()
                 try:
+                    # calls with `out` replay their first launch (gemm._launch_cache): forget it
+                    # before and after, so that each variant runs its own kernel
+                    gemm._launch_cache.clear()
                     with forced(gemm, "choose_config", lambda *a, cfg=cfg, **k: cfg):
-                        out = [cp.full((M, N), np.nan, dtype=cp.float32) for _ in range(G)]
+                        out = [cp.full((m, N), np.nan, dtype=cp.float32) for m in ms]
                         run = lambda: gemm.group_gemm(A, B, SA, SB, out=out)  # noqa: E731
                         run()
                         diff = max(float(cp.abs(o - w).max()) for o, w in zip(out, want))
                         t = time_fn(run, iters=iters)
+                    gemm._launch_cache.clear()
                 except Exception as exc:  # a variant that does not compile or launch: say so, go on
                     print(f"gemm {case} {form} {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                     continue
