@@ -200,10 +200,13 @@ def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable
         return GemmKernelConfig(tokens, 16, 1)
     if rows_hint <= 32:
         return GemmKernelConfig(tokens, 32, 1)
-    if rows_hint <= 64:
+    if rows_hint <= 512:
+        # GPU MODE's uneven groups (64-384 rows): 64-token tiles pad less and spread over more CTAs;
+        # on the H100 17-35% faster than 128 x 2 in W4A16 and up to 35% in W4A4 (bench/sweep.py gemm,
+        # session 3), except one case within 2%
         return GemmKernelConfig(tokens, 64, 1)
-    # prefill-sized groups: 128 tokens over two warps per weight slice, 64 accumulators per thread
-    # (238 registers on sm_90, no spills), the most reuse of each dequantized weight
+    # large groups (the dense 8192 case was measured with this tile only): 128 tokens over two warps
+    # per weight slice, 64 accumulators per thread (238 registers on sm_90, no spills)
     return GemmKernelConfig(tokens, 128, 2)
 
 
@@ -223,14 +226,12 @@ WGMMA_ENV = "CUFLASH_GEMM_WGMMA"
 
 
 def hopper_is_faster(tokens: str, dual: bool, rows_hint: int, ragged: bool = False) -> bool:
-    """Where the wgmma kernel is expected to beat the portable one on an H100: groups of more than
-    32 tokens and the dual GEMM, W4A4 and W4A16 alike (the warp-specialized kernel's per-stage work
-    per token shrinks with the token tile). The portable kernel keeps the MoE decode (ragged, a few
-    tokens per expert), where it beat the first wgmma kernel by 16-33% (2026-11-23). Revisit with
-    bench/bench_group_gemm.py, both kernels in one session (CUFLASH_GEMM_WGMMA=0 / =1)."""
-    if ragged:
-        return False
-    return dual or rows_hint > 32
+    """Where the warp-specialized wgmma kernel beat the portable one on the H100 (2026-11-23, session 3):
+    the dual GEMM (bench/bench_group_gemm.py: 129-253 us against 161-328 us for the first wgmma kernel,
+    which beat the portable one by 3-10%). It lost every GPU MODE group GEMM case (bench/sweep.py gemm,
+    bench/results/sweep_gemm.json: 95-608 us against 31-467 us for the portable kernel), so group and
+    ragged GEMMs stay on the portable kernel."""
+    return dual and not ragged
 
 
 def launch_arch(device_id: int, tokens: str = "nvfp4", dual: bool = False, rows_hint: int = 0,

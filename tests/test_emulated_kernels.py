@@ -298,12 +298,12 @@ def test_group_gemm_ragged_wgmma(mods, rng):
 
 def test_wgmma_selection(monkeypatch):
     """The wgmma kernel runs only on a compute capability 9.0 device: forced by CUFLASH_GEMM_WGMMA=1,
-    never with =0, else for groups of more than 32 tokens and the dual GEMM (never ragged)."""
+    never with =0, else for the dual GEMM only (where the H100 measured it faster)."""
     from cuflash import _jit
 
-    calls = [(("nvfp4", False, 128), "hopper"), (("nvfp4", True, 16), "hopper"), (("float16", True, 256), "hopper"),
-             (("nvfp4", False, 16), "portable"), (("float16", False, 128), "hopper"),
-             (("bfloat16", False, 4096), "hopper"), (("float16", False, 32), "portable")]
+    calls = [(("nvfp4", False, 128), "portable"), (("nvfp4", True, 16), "hopper"), (("float16", True, 256), "hopper"),
+             (("nvfp4", False, 16), "portable"), (("float16", False, 128), "portable"),
+             (("bfloat16", False, 4096), "portable"), (("float16", False, 32), "portable")]
     for cc, env in [((9, 0), "1"), ((9, 0), None), ((9, 0), "0"), ((8, 9), "1"), ((8, 0), None), ((10, 0), "1")]:
         monkeypatch.setattr(_jit, "device_cc", lambda device_id, cc=cc: cc)
         if env is None:

@@ -275,7 +275,8 @@ def test_tile_counts():
 def test_choose_config_and_variants():
     assert gemm.choose_config("nvfp4", False, 1).block_m == 16
     assert gemm.choose_config("nvfp4", False, 33).block_m == 64
-    assert gemm.choose_config("float16", False, 248).block_m == 128
+    assert gemm.choose_config("float16", False, 248).block_m == 64
+    assert gemm.choose_config("float16", False, 513).block_m == 128
     assert gemm.choose_config("nvfp4", True, 512).dual
     variants = gemm.kernel_variants()
     for tok in ("nvfp4", "float16", "bfloat16"):
