@@ -510,7 +510,6 @@ struct WgmmaTraits {
   static constexpr int kWeightBytes = kBlockN * kStagePackedBytes;
   static constexpr int kWeightScaleBytes = kBlockN * kStageScales;
   static constexpr int kTokenBytes = kBlockM * kStageK * 2;
-  static constexpr int kTokenScaleBytes = 0;
   static constexpr int kStageBytes = kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
   // Stages whose copies may still be in flight when an older one is published; the consumers work

@@ -708,26 +708,28 @@ class _Prepared:
             ln.kernel.launch(ln.grid, ln.threads, ln.args, stream=stream, smem=ln.smem)
 
 
-def dequant_workspace_tables(table: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Hopper W4A4: the tokens of every problem dequantized to fp16 rows of a workspace at device
-    address ``base``. Returns (the table dequant_tokens_kernel reads: c / c_row = the problem's
-    workspace rows and their stride in elements; the table the wgmma kernel reads: a / a_row = the
-    same rows as fp16 tokens; the workspace size in bytes). Ragged problems share one [rows_total, K]
-    token matrix; the others get [m, K] each, one after the other (K % 64 == 0 keeps every start
-    128-byte aligned)."""
+def dequant_workspace(table: np.ndarray) -> tuple[np.ndarray, int]:
+    """Hopper W4A4: where each problem's tokens go once dequantized to fp16, as (byte offsets into the
+    workspace, one per problem; the workspace size in bytes). Ragged problems share one
+    [rows_total, K] token matrix; the others get [m, K] each, one after the other (K % 64 == 0 keeps
+    every start 128-byte aligned)."""
     k = table["k"].astype(np.int64)
     if (table["m"] < 0).any():
-        rows = np.full(len(table), int(table["rows_total"][0]), dtype=np.int64)
-        starts = np.zeros(len(table), dtype=np.int64)
-        nbytes = int(rows[0] * k[0] * 2)
-    else:
-        sizes = table["m"].astype(np.int64) * k * 2
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        nbytes = int(sizes.sum())
+        return np.zeros(len(table), dtype=np.int64), int(table["rows_total"][0]) * int(k[0]) * 2
+    sizes = table["m"].astype(np.int64) * k * 2
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64), int(sizes.sum())
+
+
+def dequant_tables(table: np.ndarray, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two tables of a Hopper W4A4 call whose tokens go to device addresses ``addrs`` (workspace
+    base + dequant_workspace offsets): the one dequant_tokens_kernel reads (c / c_row = the problem's
+    workspace rows and their stride in elements) and the one the wgmma kernel reads (a / a_row = the
+    same rows as fp16 tokens)."""
+    k = table["k"].astype(np.int64)
     deq, main = table.copy(), table.copy()
-    deq["c"], deq["c_row"] = base + starts, k
-    main["a"], main["a_row"], main["sfa"], main["sfa_row"] = base + starts, 2 * k, 0, 0
-    return deq, main, nbytes
+    deq["c"], deq["c_row"] = addrs, k
+    main["a"], main["a_row"], main["sfa"], main["sfa_row"] = addrs, 2 * k, 0, 0
+    return deq, main
 
 
 def dequant_grid(table: np.ndarray) -> tuple[int, int]:
@@ -747,8 +749,9 @@ def _prepare(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int
     offs = np.uint64(0 if offsets is None else _ptr(offsets))
     launches, workspace = [], None
     if cfg.dequant_first:
-        workspace = cp.empty(max(1, dequant_workspace_tables(table, 0)[2]), dtype=cp.uint8)
-        deq_table, table, _ = dequant_workspace_tables(table, int(workspace.data.ptr))
+        ws_offsets, nbytes = dequant_workspace(table)
+        workspace = cp.empty(max(1, nbytes), dtype=cp.uint8)
+        deq_table, table = dequant_tables(table, int(workspace.data.ptr) + ws_offsets)
         dk = _jit.get_kernel(cfg, cfg.DEQUANT_KERNEL, ctx.device_id)
         launches.append(_Launch(dk, dequant_grid(deq_table), _DEQUANT_THREADS, 0,
                                 (_device_table(cp, deq_table, ctx.device_id), offs, np.int32(int(blocked)))))

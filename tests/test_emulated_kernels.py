@@ -149,9 +149,9 @@ def _launch_gemm(gm, cfg, table, tiles_bound, offsets, blocked, odt, schedule="r
     grid = min(tiles_bound, MAX_CTAS)
     offs = offsets if offsets is not None else np.uint64(0)
     if cfg.dequant_first:
-        nbytes = gemm.dequant_workspace_tables(table, 0)[2]
+        offsets, nbytes = gemm.dequant_workspace(table)
         workspace = np.full(max(nbytes, 2) // 2, np.nan, dtype=np.float16)  # poisoned: every token row read must be written
-        deq, table, _ = gemm.dequant_workspace_tables(table, workspace.ctypes.data)
+        deq, table = gemm.dequant_tables(table, workspace.ctypes.data + offsets)
         gx, gy = gemm.dequant_grid(deq)
         gm.launch(cfg.DEQUANT_KERNEL, (min(gx, 2), gy), gemm._DEQUANT_THREADS, [deq, offs, np.int32(int(blocked))],
                   schedule=schedule)
