@@ -24,10 +24,8 @@ from common import Results, environment, gemm_operands, require_gpu_or_exit, tim
 
 # (block_m, warps_m, stages)
 PORTABLE = [(128, 2, 4), (64, 1, 4)]
-# (block_m, stages, knobs: -D options of gemm.cu's sweep knobs)
-HOPPER = [(128, 8, ()), (128, 8, ("CUFLASH_WG_TOKEN_LINES=1",)), (128, 8, ("CUFLASH_WG_LAG=2",)),
-          (128, 8, ("CUFLASH_WG_LAG=6",)), (128, 10, ("CUFLASH_WG_LAG=6", "CUFLASH_WG_TOKEN_LINES=1")),
-          (128, 4, ()), (64, 8, ()), (64, 8, ("CUFLASH_WG_TOKEN_LINES=1",)), (64, 12, ("CUFLASH_WG_LAG=8",))]
+# (block_m, stages, row_blocks)
+HOPPER = [(128, 8, 1), (128, 6, 2), (128, 8, 2), (128, 6, 1), (64, 8, 1)]
 # (block_n, warps, stages)
 DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 4), (128, 4, 2), (64, 2, 3)]
 SPLIT_FACTORS = [1, 2, 4]
@@ -64,7 +62,7 @@ def sweep_gemm(cp, res, iters):
             want = [o.copy() for o in out]
             configs = [gemm.GemmKernelConfig(tokens, bm, wm, st) for bm, wm, st in PORTABLE]
             if hopper:
-                configs += [gemm.GemmKernelConfig(tokens, bm, 1, st, arch="hopper", knobs=kn) for bm, st, kn in HOPPER]
+                configs += [gemm.GemmKernelConfig(tokens, bm, 1, st, arch="hopper", row_blocks=rb) for bm, st, rb in HOPPER]
             for cfg in configs:
                 name = cfg.kernel_name()
                 try:

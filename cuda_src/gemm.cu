@@ -94,6 +94,9 @@ struct GemmTraits {
   static constexpr int kTokenBytes =
       kTokens == kTokensNVFP4 ? kBlockM * kStagePackedBytes : kBlockM * kTokenPitch;
   static constexpr int kTokenScaleBytes = kTokens == kTokensNVFP4 ? kBlockM * kStageScales : 0;
+  static constexpr int kBlockRows = kBlockN;  // weight rows per CTA tile
+  static constexpr int kWeightOffset = 0;      // stage layout: weights (and scales) first, then tokens
+  static constexpr int kTokenOffset = kWeights * (kWeightBytes + kWeightScaleBytes);
   static constexpr int kStageBytes =
       kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes + kTokenScaleBytes;
   // W4A4: one fp16 buffer of dequantized tokens for the current stage.
@@ -103,9 +106,6 @@ struct GemmTraits {
   static_assert(kStageBytes % 16 == 0, "stage buffers must stay 16-byte aligned");
   // Byte offset of 16-byte chunk c (values 8c .. 8c+7) of fp16 token row r: padded rows.
   __device__ __forceinline__ static int token_chunk_offset(int r, int c) { return r * kTokenPitch + c * 16; }
-  // fp16/bf16 token copies: one row's chunks on consecutive threads (see TileLoader::token_row)
-  static constexpr bool kTokenRowsInner = false;
-  static constexpr bool kTokenLines = false;
 };
 
 // One tile's view of its problem.
@@ -125,7 +125,7 @@ struct TileView {
 
 // The view of tile `tile` of the persistent walk: its problem found through the tile prefix
 // (built by build_tile_prefix), its place in the problem (token tiles fastest).
-template <bool kDual>
+template <bool kDual, int kBlockRows>
 __device__ __forceinline__ TileView make_tile_view(const GemmProblem* __restrict__ problems, int num_problems,
                                                    const int* __restrict__ offsets, const int* prefix, int tile,
                                                    int block_m, bool blocked) {
@@ -151,7 +151,7 @@ __device__ __forceinline__ TileView make_tile_view(const GemmProblem* __restrict
   v.n = p.n;
   v.num_k_stages = p.k / kStageK;
   v.m0 = (local % m_tiles) * block_m;
-  v.n0 = (local / m_tiles) * kBlockN;
+  v.n0 = (local / m_tiles) * kBlockRows;
   v.blocked = blocked;
   return v;
 }
@@ -159,9 +159,11 @@ __device__ __forceinline__ TileView make_tile_view(const GemmProblem* __restrict
 template <class Tr, int kTokens, bool kDual>
 struct Stage {
   unsigned char* base;
-  __device__ __forceinline__ unsigned char* weights(int w) const { return base + w * (Tr::kWeightBytes + Tr::kWeightScaleBytes); }
+  __device__ __forceinline__ unsigned char* weights(int w) const {
+    return base + Tr::kWeightOffset + w * (Tr::kWeightBytes + Tr::kWeightScaleBytes);
+  }
   __device__ __forceinline__ unsigned char* weight_scales(int w) const { return weights(w) + Tr::kWeightBytes; }
-  __device__ __forceinline__ unsigned char* tokens() const { return base + Tr::kWeights * (Tr::kWeightBytes + Tr::kWeightScaleBytes); }
+  __device__ __forceinline__ unsigned char* tokens() const { return base + Tr::kTokenOffset; }
   __device__ __forceinline__ unsigned char* token_scales() const { return tokens() + Tr::kTokenBytes; }
 };
 
@@ -174,34 +176,21 @@ struct Stage {
 template <class Tr, int kTokens, bool kDual, int kBlockM>
 struct TileLoader {
   static constexpr int kT = Tr::kThreads;
-  static constexpr int kWeightItems = kBlockN * 2;  // 16-byte chunks of weights per operand and stage
+  static constexpr int kRows = Tr::kBlockRows;
+  static constexpr int kWeightItems = kRows * 2;  // 16-byte chunks of weights per operand and stage
   static constexpr int kTokenChunks = kTokens == kTokensNVFP4 ? 2 : kStageK * 2 / 16;  // per token row
   static constexpr int kTokenItems = kBlockM * kTokenChunks;
   static constexpr int kW = (kWeightItems + kT - 1) / kT;
-  static constexpr int kWs = (kBlockN + kT - 1) / kT;
+  static constexpr int kWs = (kRows + kT - 1) / kT;
   static constexpr int kTok = (kTokenItems + kT - 1) / kT;
   static constexpr int kTs = kTokens == kTokensNVFP4 ? (kBlockM + kT - 1) / kT : 0;
   static_assert(kT % kTokenChunks == 0 && kT % 2 == 0, "each thread keeps one chunk column");
   static constexpr int kTokenBytesPerStage = kTokens == kTokensNVFP4 ? kStagePackedBytes : kStageK * 2;
 
-  // fp16/bf16 token item i: chunk c of row r. wgmma layout (core matrices, chunks of one row 128
-  // bytes apart): eight rows of one chunk per 8 consecutive items, so that the 16-byte shared-memory
-  // writes of 8 threads fill 8 distinct bank groups; a warp still reads 64 contiguous bytes of each
-  // of 8 rows. Portable layout (padded rows): one row's chunks on consecutive items (conflict-free
-  // already; measured ~15% faster in W4A16 than the other order on the H100, NOTES.md). Packed NVFP4
-  // tokens: 2 chunks per row, natural order.
-  static constexpr bool kRowsInner = kTokens != kTokensNVFP4 && Tr::kTokenRowsInner;
-  // kTokenLines (wgmma, bench/gemm_variants.py): each warp copies 4 whole 128-byte token rows (8
-  // chunks each; 2-way shared-memory write conflicts) instead of half rows of 8 tokens.
-  static constexpr bool kLines = kRowsInner && Tr::kTokenLines;
-  __device__ __forceinline__ static int token_row(int i) {
-    if (kLines) return (i & 3) + 4 * (i / (4 * kTokenChunks));
-    return kRowsInner ? (i & 7) + 8 * (i / (8 * kTokenChunks)) : i / kTokenChunks;
-  }
-  __device__ __forceinline__ static int token_chunk(int i) {
-    if (kLines) return (i >> 2) % kTokenChunks;
-    return kRowsInner ? (i >> 3) % kTokenChunks : i % kTokenChunks;
-  }
+  // Token item i: chunk i % kTokenChunks of row i / kTokenChunks, so that the 8 or 2 chunks of a row
+  // come from consecutive threads (whole 32-byte sectors of global memory per 16-byte copy pair).
+  __device__ __forceinline__ static int token_row(int i) { return i / kTokenChunks; }
+  __device__ __forceinline__ static int token_chunk(int i) { return i % kTokenChunks; }
   static_assert(kTokens == kTokensNVFP4 || kBlockM % 8 == 0, "token rows in groups of 8");
 
   const unsigned char* w[Tr::kWeights][kW];
@@ -264,7 +253,7 @@ struct TileLoader {
           cp_async_16(st.weights(o) + (tid + j * kT) * 16, w[o][j] + kt * kStagePackedBytes);
 #pragma unroll
       for (int j = 0; j < kWs; ++j)
-        if (kBlockN % kT == 0 || tid + j * kT < kBlockN)
+        if (kRows % kT == 0 || tid + j * kT < kRows)
           cp_async_4(st.weight_scales(o) + (tid + j * kT) * kStageScales, ws[o][j] + sc);
     }
 #pragma unroll
@@ -383,7 +372,7 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
   const int warp_n = warp % kWarpsN, warp_m = warp / kWarpsN;
 
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const TileView v = make_tile_view<kDual>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked_scales != 0);
+    const TileView v = make_tile_view<kDual, kBlockN>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked_scales != 0);
     const GemmProblem& p = *v.problem;
     const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
 
@@ -446,9 +435,9 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
 // Three warpgroups per CTA (384 threads). Warpgroup 0 is the producer: its 128 threads only copy
 // (cp.async) the weights, their scales and the fp16/bf16 token tile of each stage into a ring of
 // kStages shared-memory stages, and publish each stage on its `full` mbarrier. Warpgroups 1 and 2 are
-// the consumers, each owning 64 of the kBlockN = 128 weight rows (warp w of a consumer warpgroup: 16
-// rows): they dequantize their weight rows of a stage into registers and issue one wgmma m64
-// n(kBlockM) k16 per k step and weight operand, A = the dequantized weights from registers (each
+// the consumers, each owning half of the tile's weight rows in row blocks of 64 (warp w of a consumer
+// warpgroup: 16 rows of each block): they dequantize their weight rows of a stage into registers and
+// issue one wgmma m64 n(kBlockM) k16 per k step, row block and weight operand, A = the dequantized weights from registers (each
 // warp's 16 x 16 slice in the mma.m16n8k16 A layout), B = the stage's tokens from shared memory
 // through a descriptor; then they release the stage on its `empty` mbarrier. Accumulators stay in
 // registers (kBlockM / 2 floats per thread and weight operand). Producer and consumers walk the same
@@ -463,67 +452,74 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
 // and then read as W4A16 tokens: they would otherwise be dequantized again by every CTA of the
 // problem's N tiles.
 //
-// Producer pipeline: stage q is published kLag stages after its copies were issued (the producer's
-// cp.async.wait_group keeps kLag newer stages in flight), after the producer threads' own
-// fence.proxy.async (cp.async lands through the generic proxy, wgmma reads through the async one).
+// Producer pipeline: each producer thread issues its copies of a stage and then an asynchronous
+// arrival on the stage's `full` mbarrier that fires when those copies have landed
+// (cp.async.mbarrier.arrive.noinc), so the producer never waits on its own copies and up to kStages
+// stages are in flight. A consumer that sees a stage full executes fence.proxy.async before its
+// wgmmas read the stage (cp.async lands through the generic proxy, wgmma reads through the async one).
+// Measured before (session 3): the producer published stage q after cp.async.wait_group and its own
+// fence.proxy.async; time per stage did not move with the publish lag (2, 4, 6) or the ring depth
+// (4, 8), as if every stage waited out a whole copy latency.
 //
-// K order: natural (the MMA's k step s of a stage is values 16s .. 16s+15), because B's 16-byte core
-// matrix rows must be 8 consecutive token values as cp.async lands them. The A fragment of thread
-// (g, t) then needs, per row, values 16s + 2t + {0, 1} and 16s + 8 + 2t + {0, 1}: byte t of each
-// 4-byte word of the row's 32 packed bytes (the row is read whole and its bytes gathered with prmt).
+// K order: natural (the MMA's k step s of a stage is values 16s .. 16s+15), because B's 16-byte
+// chunks must be 8 consecutive token values as cp.async lands them. The A fragment of thread (g, t)
+// then needs, per row, values 16s + 2t + {0, 1} and 16s + 8 + 2t + {0, 1}: byte t of each 4-byte word
+// of the row's 32 packed bytes (the row is read whole and its bytes gathered with prmt).
 //
-// Token tile in shared memory (per stage): [kBlockM / 8 token groups][8 chunks of 8 K values][8
-// tokens][16 bytes], i.e. core matrix (token group j, chunk c) at j * 1024 + c * 128. For k step s
-// the descriptor starts at chunk 2s: LBO = 128 (chunk 2s+1, the next 8 k), SBO = 1024 (the next 8
-// tokens). No swizzle.
-// Knobs for bench/gemm_variants.py (-D through GemmKernelConfig.defines); the defaults are what ships.
-#ifndef CUFLASH_WG_TOKEN_LINES
-#define CUFLASH_WG_TOKEN_LINES 0
-#endif
-#ifndef CUFLASH_WG_LAG
-#define CUFLASH_WG_LAG 0
-#endif
-constexpr int kWgConsumers = 2;                              // consumer warpgroups of 64 weight rows
+// Token tile in shared memory (per stage, 1024-byte aligned): wgmma's K-major 128-byte swizzled
+// layout. Token row r (64 K values, 128 bytes) lies at r * 128, its 16-byte chunk c (values 8c ..
+// 8c+7) at chunk position c ^ (r % 8). The 8 threads copying one row write 8 distinct bank groups,
+// and read one whole 128-byte line of global memory. Descriptor: 128B swizzle, SBO = 1024 (the next
+// 8 tokens), LBO unused; k step s starts 32 s bytes into the tile.
+// Measured before (session 4, ablation on the H100): the earlier no-swizzle core-matrix layout had
+// 8 threads copy one 16-byte chunk of 8 rows each, twice the L2 sectors of the data (ncu source
+// counters), and token copies held the kernel at 3x the time it took without them.
+//
+// CTA tile: kRowBlocks x 128 weight rows (each consumer warpgroup kRowBlocks wgmma row blocks of
+// 64). Two row blocks (single weight operand, at most 128 tokens) feed each token byte read from L2
+// to twice the MMAs but halve the tiles (cuflash/gemm.py chooses per call). With two or more
+// accumulator sets (two row blocks, or the dual GEMM's two operands) the consumers pipeline per set
+// (one fragment buffer each) rather than per stage (two), which leaves room for 2 x 64 accumulators.
+constexpr int kWgConsumers = 2;                              // consumer warpgroups
 constexpr int kWgThreads = (1 + kWgConsumers) * kWarpgroupThreads;  // 384 threads per CTA
 constexpr int kWgConsumerWarps = kWgConsumers * kWarpgroupThreads / 32;
-constexpr int kWgChunks = kStageK * 2 / 16;                  // 8 chunks of 16 bytes per token row
-constexpr int kWgTokenGroupBytes = kWgChunks * kCoreBytes;   // 1024: 8 tokens x 64 K values x 2 bytes
-constexpr int kWgLbo = kCoreBytes;                           // K direction: the next chunk
-constexpr int kWgSbo = kWgTokenGroupBytes;                   // N direction: the next 8 tokens
+constexpr int kWgTokenRowBytes = kStageK * 2;                // 128: one swizzle row per token and stage
+constexpr int kWgSbo = kSwizzleAtomBytes;                    // N direction: the next 8 tokens (1024)
+constexpr int kWgKStepBytes = 16 * 2;                        // K direction: 16 values per wgmma k step
 constexpr int kWgKSteps = kStageK / 16;                      // 4 wgmma k steps per stage
-static_assert(kWgConsumers * kWgmmaM == kBlockN, "the consumers split the CTA's weight rows");
-// Registers per thread after the split (setmaxnreg): the producer keeps its copy pointers (ptxas
-// spilled 12 bytes at 96 with 128 tokens), the consumers their accumulators and two stages of
-// fragments (the dual kernel spilled 40 bytes at the even split, 168 each); 128 * 104 + 256 * 200 =
-// 64512 of the SM's 65536.
+// Registers per thread after the split (setmaxnreg): the producer keeps its copy pointers, the
+// consumers their accumulators and two stages of fragments; 128 * 104 + 256 * 200 = 64512 of the
+// SM's 65536 (ptxas: 8 bytes spilled at 128 tokens x 2 sets; more at 96/208 and 88/208).
 constexpr int kWgProducerRegs = 104;
 constexpr int kWgConsumerRegs = 200;
 static_assert(kWarpgroupThreads * (kWgProducerRegs + kWgConsumers * kWgConsumerRegs) <= 65536, "register file");
 
-template <int kBlockM, int kStages, int kTokens, bool kDual>
+template <int kBlockM, int kRowBlocks_, int kStages, int kTokens, bool kDual>
 struct WgmmaTraits {
   static_assert(kTokens != kTokensNVFP4, "W4A4 tokens reach the wgmma kernel dequantized (dequant_tokens_kernel)");
   using MmaT = typename MmaType<kTokens>::type;
   static constexpr int kThreads = kWarpgroupThreads;  // the producer's threads: TileLoader splits copies over them
   static constexpr int kWeights = kDual ? 2 : 1;
-  static constexpr int kAcc = kBlockM / 2;  // fp32 accumulators per thread and weight operand
-  static constexpr int kWeightBytes = kBlockN * kStagePackedBytes;
-  static constexpr int kWeightScaleBytes = kBlockN * kStageScales;
-  static constexpr int kTokenBytes = kBlockM * kStageK * 2;
-  static constexpr int kStageBytes = kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes;
+  static constexpr int kRowBlocks = kRowBlocks_;  // wgmma row blocks of 64 per consumer warpgroup (1 or 2)
+  static_assert(kRowBlocks == 1 || kRowBlocks == 2, "one or two row blocks per consumer warpgroup");
+  static constexpr int kSets = kWeights * kRowBlocks;          // accumulator sets: set w * kRowBlocks + b
+  static constexpr int kBlockRows = kWgConsumers * kWgmmaM * kRowBlocks;  // weight rows per CTA tile
+  static constexpr int kAcc = kBlockM / 2;  // fp32 accumulators per thread and set
+  static constexpr int kWeightBytes = kBlockRows * kStagePackedBytes;
+  static constexpr int kWeightScaleBytes = kBlockRows * kStageScales;
+  static constexpr int kTokenBytes = kBlockM * kWgTokenRowBytes;
+  static constexpr int kTokenOffset = 0;  // stage layout: the swizzled token tile first (1024-aligned)
+  static constexpr int kWeightOffset = kTokenBytes;
+  static constexpr int kStageBytes =
+      (kTokenBytes + kWeights * (kWeightBytes + kWeightScaleBytes) + kSwizzleAtomBytes - 1) / kSwizzleAtomBytes *
+      kSwizzleAtomBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
-  // Stages whose copies may still be in flight when an older one is published; the consumers work
-  // on the stages before those, so a ring of kStages keeps kStages - kLag - 1 published stages ahead.
-  static constexpr int kLag = CUFLASH_WG_LAG > 0 ? CUFLASH_WG_LAG : kStages / 2;
   static_assert(kBlockM % 16 == 0 && kBlockM >= 16 && kBlockM <= 256, "wgmma N: a multiple of 16 up to 256");
-  static_assert(kStageBytes % 16 == 0, "stage buffers (and wgmma's token tiles) must stay 16-byte aligned");
-  static_assert(kStages >= 3 && kLag >= 1 && kLag <= kStages - 2, "the ring needs room to publish ahead");
-  // fp16/bf16 token copies: 8 rows of one chunk on consecutive threads (see TileLoader::token_row)
-  static constexpr bool kTokenRowsInner = true;
-  static constexpr bool kTokenLines = CUFLASH_WG_TOKEN_LINES != 0;
-  // Core-matrix position of chunk c of token row r (see above).
+  static_assert(kStages >= 2, "a ring of at least two stages");
+  static_assert(kSets * kAcc <= 128, "accumulators: at most 128 registers per consumer thread");
+  // Swizzled position of chunk c of token row r (see above).
   __device__ __forceinline__ static int token_chunk_offset(int r, int c) {
-    return (r / kCoreRows) * kWgTokenGroupBytes + c * kCoreBytes + (r % kCoreRows) * 16;
+    return r * kWgTokenRowBytes + ((c ^ (r % 8)) << 4);
   }
 };
 
@@ -533,28 +529,25 @@ __device__ __forceinline__ unsigned gather_byte(unsigned w0, unsigned w1, unsign
   return __byte_perm(__byte_perm(w0, w1, sel), __byte_perm(w2, w3, sel), 0x5410u);
 }
 
-// Eight e2m1 codes whose bytes 0, 1 belong to one scale block and bytes 2, 3 to another. The two
-// calls share their conversions (same w); only the final multiplies differ.
+// Eight e2m1 codes whose bytes 0, 1 belong to one scale block and bytes 2, 3 to another.
 template <typename T>
 __device__ __forceinline__ Pairs4 dequant_two_blocks(unsigned w, __half2 f_lo, __half2 f_hi) {
-  const Pairs4 lo = dequant_e2m1x8<T>(w, f_lo);
-  const Pairs4 hi = dequant_e2m1x8<T>(w, f_hi);
-  return Pairs4{{lo.p[0], lo.p[1], hi.p[2], hi.p[3]}};
+  return dequant_e2m1x8<T>(w, f_lo, f_hi);
 }
 
-// A fragments of one stage for this thread: a[w][s] feeds k step s of weight operand w. Rows
-// row0 (g) and row0 + 8 (g + 8) of the warp's 16.
+// A fragments of one stage for this thread: a[set][s] feeds k step s of set w * kRowBlocks + b
+// (weight operand w, row block b). Rows row0 + 64 b (g) and row0 + 64 b + 8 (g + 8).
 template <class Tr, int kTokens, bool kDual>
-__device__ __forceinline__ void weight_fragments(const Stage<Tr, kTokens, kDual>& st, int row0,
-                                                 unsigned (&a)[Tr::kWeights][kWgKSteps][4]) {
+__device__ __forceinline__ void set_fragments(const Stage<Tr, kTokens, kDual>& st, int row0, int set,
+                                              unsigned (&a)[kWgKSteps][4]) {
   using T = typename Tr::MmaT;
   const int t = threadIdx.x & 3;
-#pragma unroll
-  for (int w = 0; w < Tr::kWeights; ++w) {
+  {
+    const int w = set / Tr::kRowBlocks, b = set % Tr::kRowBlocks;
     Pairs4 p[2][2];  // [row g / g+8][k steps 0-1 / 2-3]
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int r = row0 + 8 * h;
+      const int r = row0 + kWgmmaM * b + 8 * h;
       const uint4 lo = *reinterpret_cast<const uint4*>(st.weights(w) + r * kStagePackedBytes);
       const uint4 hi = *reinterpret_cast<const uint4*>(st.weights(w) + r * kStagePackedBytes + 16);
       const unsigned sc = *reinterpret_cast<const unsigned*>(st.weight_scales(w) + r * kStageScales);
@@ -568,37 +561,57 @@ __device__ __forceinline__ void weight_fragments(const Stage<Tr, kTokens, kDual>
 #pragma unroll
     for (int s = 0; s < kWgKSteps; ++s) {
       const int q = s / 2, c = 2 * (s % 2);  // chunk 2s is pair c of word q, chunk 2s+1 pair c+1
-      a[w][s][0] = p[0][q].p[c];      // (row g,     k 2t, 2t+1)
-      a[w][s][1] = p[1][q].p[c];      // (row g + 8, k 2t, 2t+1)
-      a[w][s][2] = p[0][q].p[c + 1];  // (row g,     k 2t+8, 2t+9)
-      a[w][s][3] = p[1][q].p[c + 1];  // (row g + 8, k 2t+8, 2t+9)
+      a[s][0] = p[0][q].p[c];      // (row g,     k 2t, 2t+1)
+      a[s][1] = p[1][q].p[c];      // (row g + 8, k 2t, 2t+1)
+      a[s][2] = p[0][q].p[c + 1];  // (row g,     k 2t+8, 2t+9)
+      a[s][3] = p[1][q].p[c + 1];  // (row g + 8, k 2t+8, 2t+9)
     }
   }
 }
 
+template <class Tr, int kTokens, bool kDual>
+__device__ __forceinline__ void weight_fragments(const Stage<Tr, kTokens, kDual>& st, int row0,
+                                                 unsigned (&a)[Tr::kSets][kWgKSteps][4]) {
+#pragma unroll
+  for (int set = 0; set < Tr::kSets; ++set) set_fragments<Tr, kTokens, kDual>(st, row0, set, a[set]);
+}
+
 template <class Tr>
-__device__ __forceinline__ void fence_fragments(unsigned (&a)[Tr::kWeights][kWgKSteps][4]) {
+__device__ __forceinline__ void fence_fragments(unsigned (&a)[Tr::kSets][kWgKSteps][4]) {
 #pragma unroll
-  for (int w = 0; w < Tr::kWeights; ++w)
+  for (int set = 0; set < Tr::kSets; ++set)
 #pragma unroll
-    for (int s = 0; s < kWgKSteps; ++s) wgmma_fence_operand(a[w][s]);
+    for (int s = 0; s < kWgKSteps; ++s) wgmma_fence_operand(a[set][s]);
+}
+
+// Issues (and commits as one group) the 4 wgmmas of one accumulator set and stage.
+template <class Tr, int kBlockM>
+__device__ __forceinline__ void issue_set_wgmma(const unsigned char* tokens_f16, float (&acc)[Tr::kAcc],
+                                                unsigned (&a)[kWgKSteps][4]) {
+  using T = typename Tr::MmaT;
+  const unsigned long long desc = wgmma_desc_sw128(tokens_f16, kWgSbo);
+  wgmma_fence_operand(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < kWgKSteps; ++s) wgmma_m64k16_rs<kBlockM, T>(acc, a[s], wgmma_desc_advance(desc, s * kWgKStepBytes));
+  wgmma_commit();
 }
 
 // Issues (and commits as one group) the wgmmas of one stage for this thread's warpgroup; they run
 // on while the caller prepares the next stage. `a` must stay untouched until they complete.
 template <class Tr, int kBlockM, int kTokens, bool kDual>
-__device__ __forceinline__ void issue_stage_wgmma(const unsigned char* tokens_f16, float (&acc)[Tr::kWeights][Tr::kAcc],
-                                                  unsigned (&a)[Tr::kWeights][kWgKSteps][4]) {
+__device__ __forceinline__ void issue_stage_wgmma(const unsigned char* tokens_f16, float (&acc)[Tr::kSets][Tr::kAcc],
+                                                  unsigned (&a)[Tr::kSets][kWgKSteps][4]) {
   using T = typename Tr::MmaT;
-  const unsigned long long desc = wgmma_desc(tokens_f16, kWgLbo, kWgSbo);
+  const unsigned long long desc = wgmma_desc_sw128(tokens_f16, kWgSbo);
 #pragma unroll
-  for (int w = 0; w < Tr::kWeights; ++w) wgmma_fence_operand(acc[w]);
+  for (int set = 0; set < Tr::kSets; ++set) wgmma_fence_operand(acc[set]);
   wgmma_fence();
 #pragma unroll
   for (int s = 0; s < kWgKSteps; ++s)
 #pragma unroll
-    for (int w = 0; w < Tr::kWeights; ++w)
-      wgmma_m64k16_rs<kBlockM, T>(acc[w], a[w][s], wgmma_desc_advance(desc, 2 * s * kCoreBytes));
+    for (int set = 0; set < Tr::kSets; ++set)
+      wgmma_m64k16_rs<kBlockM, T>(acc[set], a[set][s], wgmma_desc_advance(desc, s * kWgKStepBytes));
   wgmma_commit();
 }
 
@@ -618,27 +631,21 @@ __device__ __forceinline__ void produce(unsigned char* smem, Ring ring, const Ge
   using St = Stage<Tr, kTokens, kDual>;
   int q = 0;  // stages issued so far, over all tiles
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const TileView v = make_tile_view<kDual>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked);
+    const TileView v = make_tile_view<kDual, Tr::kBlockRows>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked);
     const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
     for (int kt = 0; kt < v.num_k_stages; ++kt, ++q) {
       const int slot = q % kStages;
       if (q >= kStages) mbar_wait(&ring.empty[slot], ((q / kStages) - 1) & 1);  // use u - 1 released
       loader.load(St{smem + slot * Tr::kStageBytes}, kt);
-      cp_async_commit();
-      if (q >= Tr::kLag) {  // stage q - kLag has landed (this thread's copies): publish it
-        cp_async_wait<Tr::kLag>();
-        fence_proxy_async_shared();
-        mbar_arrive(&ring.full[(q - Tr::kLag) % kStages]);
-      }
+      cp_async_mbar_arrive(&ring.full[slot]);  // fires once this thread's copies so far have landed
     }
   }
+  cp_async_commit();  // leave no copy of this thread in flight at exit
   cp_async_wait<0>();
-  fence_proxy_async_shared();
-  for (int p = max(q - Tr::kLag, 0); p < q; ++p) mbar_arrive(&ring.full[p % kStages]);
 }
 
-// Warpgroups 1 and 2: dequantize, multiply, store. Consumer warp cw owns weight rows 16 cw .. 16 cw + 15
-// of each tile.
+// Warpgroups 1 and 2: dequantize, multiply, store. Consumer warp cw (warp cw % 4 of consumer
+// warpgroup cw / 4) owns weight rows row0 + 64 b + {0..7, 8..15} - g of row block b of each tile.
 template <class Tr, int kBlockM, int kStages, int kTokens, bool kDual>
 __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const GemmProblem* __restrict__ problems,
                                         int num_problems, const int* __restrict__ offsets, const int* prefix,
@@ -646,30 +653,54 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
   using St = Stage<Tr, kTokens, kDual>;
   const int cw = threadIdx.x / 32 - kWarpgroupThreads / 32;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int row0 = cw * 16 + g;  // = consumer warpgroup * 64 + warp_in_group * 16 + g
+  const int row0 = (cw / 4) * (kWgmmaM * Tr::kRowBlocks) + (cw % 4) * 16 + g;
   auto stage = [&](int q) { return St{smem + (q % kStages) * Tr::kStageBytes}; };
-  auto acquire = [&](int q) { mbar_wait(&ring.full[q % kStages], (q / kStages) & 1); };
+  auto acquire = [&](int q) {  // stage q has landed; then make it visible to this thread's wgmmas
+    mbar_wait(&ring.full[q % kStages], (q / kStages) & 1);
+    fence_proxy_async_shared();
+  };
   auto release = [&](int q) {  // after wgmma_wait: the warp's wgmmas and fragment reads of stage q are done
     __syncwarp();  // every lane has passed its wait before one arrives for the warp
     if (lane == 0) mbar_arrive(&ring.empty[q % kStages]);
   };
   int q = 0;  // stages consumed so far, over all tiles
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const TileView v = make_tile_view<kDual>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked);
+    const TileView v = make_tile_view<kDual, Tr::kBlockRows>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked);
     const GemmProblem& p = *v.problem;
-    float acc[Tr::kWeights][Tr::kAcc];
+    float acc[Tr::kSets][Tr::kAcc];
 #pragma unroll
-    for (int w = 0; w < Tr::kWeights; ++w)
+    for (int set = 0; set < Tr::kSets; ++set)
 #pragma unroll
-      for (int i = 0; i < Tr::kAcc; ++i) acc[w][i] = 0.0f;
+      for (int i = 0; i < Tr::kAcc; ++i) acc[set][i] = 0.0f;
 
+    const int kts = v.num_k_stages;
+    if constexpr (Tr::kSets >= 2) {
+      // One commit group per (stage, set), one fragment buffer per set: set j of stage kt is
+      // dequantized once set j of stage kt - 1 has retired (kSets - 1 later groups still run), so
+      // the other sets' wgmmas cover the dequant with half the fragment registers of two whole stages.
+      unsigned a[Tr::kSets][kWgKSteps][4];
+      for (int kt = 0; kt < kts; ++kt) {
+        acquire(q + kt);
+#pragma unroll
+        for (int set = 0; set < Tr::kSets; ++set) {
+          if (kt > 0) {
+            wgmma_wait<Tr::kSets - 1>();  // set `set` of stage kt - 1 has retired
+            wgmma_fence_operand(acc[set]);
+#pragma unroll
+            for (int s = 0; s < kWgKSteps; ++s) wgmma_fence_operand(a[set][s]);
+            if (set == Tr::kSets - 1) release(q + kt - 1);  // every set of stage kt - 1 is done with it
+          }
+          set_fragments<Tr, kTokens, kDual>(stage(q + kt), row0, set, a[set]);
+          issue_set_wgmma<Tr, kBlockM>(stage(q + kt).tokens(), acc[set], a[set]);
+        }
+      }
+    } else {
     // Fragments of stage kt in a[kt % 2] (named at compile time: two stages per trip). Stage kt's
     // wgmmas run while stage kt + 1 is dequantized; the wait retires stage kt - 1's.
-    unsigned a0[Tr::kWeights][kWgKSteps][4], a1[Tr::kWeights][kWgKSteps][4];
-    const int kts = v.num_k_stages;
+    unsigned a0[Tr::kSets][kWgKSteps][4], a1[Tr::kSets][kWgKSteps][4];
     acquire(q);
     weight_fragments<Tr, kTokens, kDual>(stage(q), row0, a0);
-    auto step = [&](int kt, unsigned (&cur)[Tr::kWeights][kWgKSteps][4], unsigned (&nxt)[Tr::kWeights][kWgKSteps][4]) {
+    auto step = [&](int kt, unsigned (&cur)[Tr::kSets][kWgKSteps][4], unsigned (&nxt)[Tr::kSets][kWgKSteps][4]) {
       issue_stage_wgmma<Tr, kBlockM, kTokens, kDual>(stage(q + kt).tokens(), acc, cur);
       wgmma_wait<1>();
       fence_fragments<Tr>(nxt);
@@ -683,40 +714,48 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
       step(kt, a0, a1);
       if (kt + 1 < kts) step(kt + 1, a1, a0);
     }
+    }
     wgmma_wait<0>();
 #pragma unroll
-    for (int w = 0; w < Tr::kWeights; ++w) wgmma_fence_operand(acc[w]);
+    for (int set = 0; set < Tr::kSets; ++set) wgmma_fence_operand(acc[set]);
     release(q + kts - 1);
     q += kts;
 
-    // Epilogue: acc[w][4j + e] is (weight row row0 + 8 (e >= 2), token 8j + 2t + (e & 1)).
+    // Epilogue: acc[w * kRowBlocks + b][4j + e] is (weight row row0 + 64 b + 8 (e >= 2), token
+    // 8j + 2t + (e & 1)).
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int col = v.n0 + row0 + 8 * h;
-      if (col >= v.n) continue;
+    for (int b = 0; b < Tr::kRowBlocks; ++b)
 #pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const int col = v.n0 + row0 + kWgmmaM * b + 8 * h;
+        if (col >= v.n) continue;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int m = v.m0 + 8 * j + 2 * t + e;
-          if (m >= v.rows) continue;
-          const int i = 4 * j + 2 * h + e;
-          float out = p.alpha * acc[0][i];
-          if constexpr (kDual) out = silu(out) * (p.alpha2 * acc[Tr::kWeights - 1][i]);
-          store_out(p, out_dtype, static_cast<long long>(v.row_base) + m, col, out);
-        }
-    }
+        for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int m = v.m0 + 8 * j + 2 * t + e;
+            if (m >= v.rows) continue;
+            const int i = 4 * j + 2 * h + e;
+            float out = p.alpha * acc[b][i];
+            if constexpr (kDual) out = silu(out) * (p.alpha2 * acc[Tr::kRowBlocks + b][i]);
+            store_out(p, out_dtype, static_cast<long long>(v.row_base) + m, col, out);
+          }
+      }
   }
 }
 
 // Same arguments and launch rules as group_gemm_kernel (kTokens: fp16 or bf16 only); kWgThreads
-// (384) threads per CTA; dynamic shared memory: the ring, 2 kStages mbarriers, the tile prefix.
-template <int kBlockM, int kStages, int kTokens, bool kDual>
+// (384) threads per CTA; dynamic shared memory: up to 1024 bytes of alignment slack, the ring, 2
+// kStages mbarriers, the tile prefix.
+template <int kBlockM, int kRowBlocks, int kStages, int kTokens, bool kDual>
 __global__ void __launch_bounds__(kWgThreads, 1)
     group_gemm_wgmma_kernel(const GemmProblem* __restrict__ problems, int num_problems, const int* __restrict__ offsets,
                             int blocked_scales, int out_dtype) {
-  using Tr = WgmmaTraits<kBlockM, kStages, kTokens, kDual>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  using Tr = WgmmaTraits<kBlockM, kRowBlocks, kStages, kTokens, kDual>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // the swizzled token tiles need 1024-byte aligned shared addresses (the host adds the slack)
+  const unsigned raw_addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + ((kSwizzleAtomBytes - raw_addr % kSwizzleAtomBytes) % kSwizzleAtomBytes);
   const Ring ring{reinterpret_cast<unsigned long long*>(smem + Tr::kPipeBytes),
                   reinterpret_cast<unsigned long long*>(smem + Tr::kPipeBytes) + kStages};
   int* prefix = reinterpret_cast<int*>(ring.empty + kStages);
@@ -726,7 +765,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       mbar_init(&ring.empty[s], kWgConsumerWarps);
     }
   }
-  build_tile_prefix<kBlockM, kBlockN>(problems, num_problems, offsets, prefix);  // ends with a barrier
+  build_tile_prefix<kBlockM, Tr::kBlockRows>(problems, num_problems, offsets, prefix);  // ends with a barrier
   const int total_tiles = prefix[num_problems];
   if (threadIdx.x < kWarpgroupThreads) {
     warpgroup_release_registers<kWgProducerRegs>();

@@ -43,7 +43,7 @@ from . import interop
 
 STAGE_K = 64  # K values per pipeline stage: K must be a multiple of it
 SCALE_BLOCK = 16
-BLOCK_N = 128  # weight rows per CTA (4 warps x 32 rows)
+BLOCK_N = 128  # weight rows per CTA of the portable kernel (4 warps x 32 rows); see GemmKernelConfig.block_n
 _WARPS_N = 4
 _TOKEN_PITCH = (STAGE_K + 8) * 2  # bytes per fp16 token row in shared memory (padded)
 _STAGE_PACKED = STAGE_K // 2
@@ -77,7 +77,8 @@ assert PROBLEM_DTYPE.itemsize == 128  # noqa: S101 (a module invariant, not user
 
 ARCH_CHOICES = ("portable", "hopper")
 _WGMMA_THREADS = 384  # a producer warpgroup and two consumer warpgroups of 64 weight rows each
-_WGMMA_TOKEN_TILE = STAGE_K * 2  # bytes per token per stage in the wgmma kernel's core-matrix layout (no padding)
+_WGMMA_TOKEN_TILE = STAGE_K * 2  # bytes per token per stage in the wgmma kernel's swizzled layout (no padding)
+_SWIZZLE_ATOM = 1024  # the wgmma kernel's stages and their token tiles are 1024-byte aligned
 _MBARRIER_BYTES = 8
 _DEQUANT_THREADS = 256  # dequant_tokens_kernel: one thread per scale block of 16 token values
 
@@ -93,7 +94,8 @@ class GemmKernelConfig(_jit.KernelConfig):
     64 or 128; the wgmma N); warps_m: warps splitting those tokens (4 * warps_m warps in all;
     portable only, 1 for hopper, whose two consumer warpgroups split the weight rows); stages:
     pipeline depth (cp.async groups, or the hopper ring of shared-memory stages); dual: two weight
-    operands and the silu-gated epilogue.
+    operands and the silu-gated epilogue; row_blocks (hopper): 64-row wgmma blocks per consumer
+    warpgroup, 1 (128 weight rows per tile) or 2 (256; one weight operand, block_m <= 128).
     """
 
     tokens: str = "nvfp4"
@@ -102,6 +104,7 @@ class GemmKernelConfig(_jit.KernelConfig):
     stages: int = 4
     dual: bool = False
     arch: str = "portable"
+    row_blocks: int = 1
     #: -D options of the sweep's knobs (bench/sweep.py; gemm.cu "Knobs"), empty in what ships
     knobs: tuple = ()
     source = "gemm.cu"
@@ -121,6 +124,10 @@ class GemmKernelConfig(_jit.KernelConfig):
                              f"warps_m {self.warps_m}, block_m {self.block_m}")
         if self.stages < 2:
             raise ValueError(f"stages: expected >= 2, got {self.stages}")
+        if self.row_blocks not in (1, 2) or (self.row_blocks == 2 and (self.arch != "hopper" or self.dual
+                                                                       or self.block_m > 128)):
+            raise ValueError(f"row_blocks: expected 1, or 2 for the single-operand hopper kernel with block_m <= 128, "
+                             f"got {self.row_blocks} ({self.arch}, dual={self.dual}, block_m={self.block_m})")
 
     @property
     def family(self) -> str:
@@ -131,6 +138,11 @@ class GemmKernelConfig(_jit.KernelConfig):
         return _WGMMA_THREADS if self.arch == "hopper" else 32 * _WARPS_N * self.warps_m
 
     @property
+    def block_n(self) -> int:
+        """Weight rows per CTA tile: 128, or 256 with two row blocks (WgmmaTraits::kBlockRows)."""
+        return BLOCK_N * self.row_blocks
+
+    @property
     def dequant_first(self) -> bool:
         """Hopper W4A4: the tokens go through dequant_tokens_kernel into an fp16 workspace first."""
         return self.arch == "hopper" and self.tokens == "nvfp4"
@@ -139,7 +151,7 @@ class GemmKernelConfig(_jit.KernelConfig):
         tok, dual = _TOKEN_KINDS[self.tokens], "true" if self.dual else "false"
         if self.arch == "hopper":
             tok = _TOKEN_KINDS["float16"] if self.dequant_first else tok
-            return f"cuflash::group_gemm_wgmma_kernel<{self.block_m}, {self.stages}, {tok}, {dual}>"
+            return f"cuflash::group_gemm_wgmma_kernel<{self.block_m}, {self.row_blocks}, {self.stages}, {tok}, {dual}>"
         return f"cuflash::group_gemm_kernel<{self.block_m}, {self.warps_m}, {self.stages}, {tok}, {dual}>"
 
     DEQUANT_KERNEL = "cuflash::dequant_tokens_kernel"
@@ -150,18 +162,20 @@ class GemmKernelConfig(_jit.KernelConfig):
     def kernel_name(self) -> str:
         kind = "group_gemm_wgmma" if self.arch == "hopper" else "group_gemm"
         knobs = "".join(f"_{k.lower()}" for k in self.knobs)
-        return f"{kind}_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}_wm{self.warps_m}_s{self.stages}{knobs}"
+        rb = f"_rb{self.row_blocks}" if self.arch == "hopper" else ""
+        return f"{kind}_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}{rb}_wm{self.warps_m}_s{self.stages}{knobs}"
 
     def smem_bytes(self, num_problems: int) -> int:
         """Dynamic shared memory of a launch over ``num_problems`` problems (GemmTraits /
         WgmmaTraits in gemm.cu)."""
         weights = 2 if self.dual else 1
-        stage = weights * BLOCK_N * (_STAGE_PACKED + _STAGE_SCALES)
+        stage = weights * self.block_n * (_STAGE_PACKED + _STAGE_SCALES)
         prefix = 4 * (num_problems + 1)
         if self.arch == "hopper":
-            # fp16/bf16 tokens only (W4A4 arrives dequantized); a full and an empty mbarrier per stage
-            stage += self.block_m * _WGMMA_TOKEN_TILE
-            return self.stages * (stage + 2 * _MBARRIER_BYTES) + prefix
+            # fp16/bf16 tokens only (W4A4 arrives dequantized), stages rounded up to whole swizzle
+            # atoms after up to 1024 bytes of alignment slack; a full and an empty mbarrier per stage
+            stage = V.ceil_div(stage + self.block_m * _WGMMA_TOKEN_TILE, _SWIZZLE_ATOM) * _SWIZZLE_ATOM
+            return _SWIZZLE_ATOM + self.stages * (stage + 2 * _MBARRIER_BYTES) + prefix
         if self.tokens == "nvfp4":
             stage += self.block_m * (_STAGE_PACKED + _STAGE_SCALES)
             f16_buffer = self.block_m * _TOKEN_PITCH  # the stage's tokens, dequantized
@@ -173,23 +187,47 @@ class GemmKernelConfig(_jit.KernelConfig):
 
 _BLOCK_M_CHOICES = ((16, 1), (32, 1), (64, 1), (128, 2))  # (block_m, warps_m)
 _DUAL_TILE = (64, 2)
-# wgmma ring depth: the consumers hold two stages (one in the MMAs, one being dequantized), the
-# producer keeps stages / 2 in flight; 8 stages of 128 tokens are 164 KB of shared memory
+# wgmma ring depth: up to 8 stages in flight (8 stages of 128 tokens and 128 weight rows are 168 KB
+# of shared memory); 256 weight rows: 6 stages (faster than 8 in both GPU MODE cases measured)
 _HOPPER_STAGES = 8
+_HOPPER_STAGES_2RB = 6
+# Time model of the hopper group GEMM for choosing 128 or 256 weight rows per tile (H100, session 4,
+# bench/sweep.py gemm on the GPU MODE cases): a tile of k_stages stages takes k_stages * c + e us,
+# and the persistent grid runs ceil(tiles / SMs) rounds of tiles. Fitted on cases 1 and 2, it
+# predicts cases 3 and 4 within 10%: 128 tokens x 128 rows c = 0.62, e = 9.3; x 256 rows (6 stages)
+# c = 1.05, e = 14.4 (the larger tile is ~15% cheaper per MMA but halves the tiles).
+_HOPPER_TILE_US = {1: (0.62, 9.3), 2: (1.05, 14.4)}
 
 
-def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable") -> GemmKernelConfig:
+def _hopper_round_estimate(shapes, block_m: int, row_blocks: int, sms: int) -> float:
+    c, e = _HOPPER_TILE_US[row_blocks]
+    tiles = tile_count([m for m, _, _ in shapes], [n for _, n, _ in shapes], block_m, BLOCK_N * row_blocks)
+    if tiles == 0:
+        return 0.0
+    stages = sum(V.ceil_div(m, block_m) * V.ceil_div(n, BLOCK_N * row_blocks) * (k // STAGE_K)
+                 for m, n, k in shapes) / tiles
+    return V.ceil_div(tiles, sms) * (stages * c + e)
+
+
+def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable", shapes=None,
+                  sms: int = 132) -> GemmKernelConfig:
     """The kernel config for a call whose groups have about ``rows_hint`` token rows each (the
     largest M of a group list; the mean rows per expert for the ragged layout), for ``arch``
-    "portable" (mma.sync) or "hopper" (wgmma; see :func:`launch_arch`).
+    "portable" (mma.sync) or "hopper" (wgmma; see :func:`launch_arch`). ``shapes``: the (M, N, K) of
+    every problem of a group list, for the hopper kernel's choice of 128 or 256 weight rows per tile
+    on ``sms`` multiprocessors.
 
-    A CTA dequantizes its 128 weight rows once per stage and reuses them for all of its tokens, so
+    A CTA dequantizes its weight rows once per stage and reuses them for all of its tokens, so
     the largest token tile that does not mostly compute padding wins.
     """
     if arch == "hopper":
-        # wgmma m64 n(block_m): each consumer thread holds block_m / 2 fp32 accumulators per weight
-        # operand under the 168-register cap of 384 threads (dual: 2 x 32 at 64 tokens).
+        # wgmma m64 n(block_m): each consumer thread holds block_m / 2 fp32 accumulators per set
+        # (weight operand and row block); at most 2 x 64 (dual: 2 x 32 at 64 tokens).
         bm = 64 if dual else next((b for b, _ in _BLOCK_M_CHOICES if rows_hint <= b), 128)
+        if not dual and bm == 128 and shapes:
+            one, two = (_hopper_round_estimate(shapes, bm, rb, sms) for rb in (1, 2))
+            if two < one:
+                return GemmKernelConfig(tokens, bm, 1, _HOPPER_STAGES_2RB, arch="hopper", row_blocks=2)
         return GemmKernelConfig(tokens, bm, 1, _HOPPER_STAGES, dual=dual, arch="hopper")
     if dual:
         # Two accumulator sets: 64 tokens over two warps keeps 64 fp32 accumulators per thread
@@ -218,6 +256,7 @@ def kernel_variants() -> list[GemmKernelConfig]:
         out.append(GemmKernelConfig(tok, *_DUAL_TILE, dual=True))
     for tok in _TOKEN_KINDS:
         out += [GemmKernelConfig(tok, bm, 1, _HOPPER_STAGES, arch="hopper") for bm, _ in _BLOCK_M_CHOICES]
+        out.append(GemmKernelConfig(tok, 128, 1, _HOPPER_STAGES_2RB, arch="hopper", row_blocks=2))
         out.append(GemmKernelConfig(tok, 64, 1, _HOPPER_STAGES, dual=True, arch="hopper"))
     return out
 
@@ -226,12 +265,13 @@ WGMMA_ENV = "CUFLASH_GEMM_WGMMA"
 
 
 def hopper_is_faster(tokens: str, dual: bool, rows_hint: int, ragged: bool = False) -> bool:
-    """Where the warp-specialized wgmma kernel beat the portable one on the H100 (2026-11-23, session 3):
-    the dual GEMM (bench/bench_group_gemm.py: 129-253 us against 161-328 us for the first wgmma kernel,
-    which beat the portable one by 3-10%). It lost every GPU MODE group GEMM case (bench/sweep.py gemm,
-    bench/results/sweep_gemm.json: 95-608 us against 31-467 us for the portable kernel), so group and
-    ragged GEMMs stay on the portable kernel."""
-    return dual and not ragged
+    """Where the warp-specialized wgmma kernel beat the portable one on the H100 (2026-11-23, session 4,
+    after the swizzled token tile): the dual GEMM (bench/bench_group_gemm.py: 69-221 us against
+    80-275 us), every GPU MODE group GEMM case (bench/sweep.py gemm: 25.7-255 us against 30.8-314 us)
+    and the dense 8192 case (2474 us against 4494). The portable kernel stays faster for the MoE decode
+    cases (ragged, 1-16 rows per expert: 639-1255 us against 707-1964), so ragged calls and groups of
+    at most 32 rows keep it."""
+    return not ragged and (dual or rows_hint > 32)
 
 
 def launch_arch(device_id: int, tokens: str = "nvfp4", dual: bool = False, rows_hint: int = 0,
@@ -647,15 +687,15 @@ def build_ragged_table(rg: _Ragged, out_ptr: int, out_row: int) -> np.ndarray:
     return t
 
 
-def tile_count(ms: Sequence[int], ns: Sequence[int], block_m: int) -> int:
+def tile_count(ms: Sequence[int], ns: Sequence[int], block_m: int, block_n: int = BLOCK_N) -> int:
     """Tiles of a list of problems (what the kernel's prefix sums to)."""
-    return sum(V.ceil_div(m, block_m) * V.ceil_div(n, BLOCK_N) for m, n in zip(ms, ns))
+    return sum(V.ceil_div(m, block_m) * V.ceil_div(n, block_n) for m, n in zip(ms, ns))
 
 
-def ragged_tile_bound(total_m: int, groups: int, n: int, block_m: int) -> int:
+def ragged_tile_bound(total_m: int, groups: int, n: int, block_m: int, block_n: int = BLOCK_N) -> int:
     """Most tiles a ragged call can have whatever the offsets: each non-empty expert adds at most
     one partial token tile to ceil(total_m / block_m)."""
-    return (V.ceil_div(total_m, block_m) + min(groups, total_m)) * V.ceil_div(n, BLOCK_N)
+    return (V.ceil_div(total_m, block_m) + min(groups, total_m)) * V.ceil_div(n, block_n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -993,8 +1033,11 @@ def _group_gemm(a, b, sfa, sfb, alpha, out, out_dtype, scale_layout, *, key=None
                 out_ptrs.append(ptrs)
         table = build_table(prods, [(ptr, row, l * itemsize) for ptr, row, l in out_ptrs])
         rows_hint = max(p.m for p in prods)
-        cfg = choose_config(tokens, False, rows_hint, launch_arch(ctx.device_id, tokens, False, rows_hint))
-        tiles = tile_count([p.m for p in prods for _ in range(p.L)], [p.n for p in prods for _ in range(p.L)], cfg.block_m)
+        cfg = choose_config(tokens, False, rows_hint, launch_arch(ctx.device_id, tokens, False, rows_hint),
+                            shapes=[(p.m, p.n, p.k) for p in prods for _ in range(p.L)],
+                            sms=_jit.sm_count(ctx.device_id))
+        tiles = tile_count([p.m for p in prods for _ in range(p.L)], [p.n for p in prods for _ in range(p.L)], cfg.block_m,
+                           cfg.block_n)
         plan = _prepare_and_launch(ctx, cp, cfg, table, tiles, None, blocked, odt, key=key, copied=copied,
                                    launch=launch)
         return (out if out is not None else ctx.to_caller(results)), plan
@@ -1057,7 +1100,7 @@ def _group_gemm_ragged(a, b, sfa, sfb, offsets, alpha, out, out_dtype, scale_lay
         table = build_ragged_table(rg, optr, orow)
         rows_hint = V.ceil_div(rg.total_m, rg.groups)
         cfg = choose_config(tokens, False, rows_hint, launch_arch(ctx.device_id, tokens, False, rows_hint, ragged=True))
-        bound = ragged_tile_bound(rg.total_m, rg.groups, rg.n, cfg.block_m)
+        bound = ragged_tile_bound(rg.total_m, rg.groups, rg.n, cfg.block_m, cfg.block_n)
         plan = _prepare_and_launch(ctx, cp, cfg, table, bound, offsets, blocked, odt, key=key, copied=copied,
                                    launch=launch)
         return (out if out is not None else ctx.to_caller(y)), plan
@@ -1106,7 +1149,7 @@ def _dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1, alpha2, out, out_dtype, scale
             y, ptrs = _alloc_out(cp, prod.m, prod.n, prod.L, len(a.shape), odt)
         table = build_table([prod], [(ptrs[0], ptrs[1], ptrs[2] * itemsize)])
         cfg = choose_config(tokens, True, prod.m, launch_arch(ctx.device_id, tokens, True, prod.m))
-        tiles = tile_count([prod.m] * prod.L, [prod.n] * prod.L, cfg.block_m)
+        tiles = tile_count([prod.m] * prod.L, [prod.n] * prod.L, cfg.block_m, cfg.block_n)
         plan = _prepare_and_launch(ctx, cp, cfg, table, tiles, None, blocked, odt, key=key, copied=copied,
                                    launch=launch)
         return (out if out is not None else ctx.to_caller(y)), plan

@@ -10,6 +10,7 @@ and grids are kept small (a few CTAs, so persistent and grid-stride loops run mo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import ml_dtypes
@@ -166,7 +167,7 @@ def _scales(sf, layout):
     return nvfp4.to_blocked(sf) if layout == "blocked" else sf
 
 
-def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch="portable", schedule="round_robin"):
+def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch="portable", schedule="round_robin", row_blocks=None):
     """One group_gemm launch set up as the GPU path does; returns (outputs, references, the validated
     problems, the token kind validation found)."""
     A_, B_, SA, SB = TG._group_inputs(rng, ms, ns, ks, "nvfp4" if tokens == "nvfp4" else "act", act_dtype=tokens)
@@ -179,8 +180,11 @@ def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch="portable", s
     itemsize = np.dtype(outs[0].dtype).itemsize
     table = gemm.build_table(prods, [(o.ctypes.data, o.strides[0] // itemsize, 0) for o in outs])
     cfg = gemm.choose_config(tok, False, max(ms), arch)
+    if row_blocks is not None:  # the hopper kernel's 256-row tiles (chosen per call by a time model)
+        cfg = dataclasses.replace(cfg, row_blocks=row_blocks, stages=gemm._HOPPER_STAGES_2RB)
     assert cfg in GEMM_CONFIGS and cfg.arch == arch
-    _launch_gemm(gm, cfg, table, gemm.tile_count(ms, ns, cfg.block_m), None, layout == "blocked", odt, schedule)
+    _launch_gemm(gm, cfg, table, gemm.tile_count(ms, ns, cfg.block_m, cfg.block_n), None, layout == "blocked", odt,
+                 schedule)
     return outs, refs, prods, tok
 
 
@@ -274,6 +278,21 @@ def test_group_gemm_wgmma(mods, rng, schedule, tokens, ms, ns, ks, layout, odt):
         TG._check(_f64(o), r, odt)
 
 
+@pytest.mark.parametrize(
+    "tokens,ms,ns,ks,layout,odt",
+    [
+        ("float16", [70, 3], [300, 40], [448, 64], "plain", "float16"),    # 256-row tiles, N % 256 != 0, 7 k-stages
+        ("nvfp4", [130, 0], [264, 72], [128, 192], "blocked", "float32"),  # W4A4, two token tiles, an empty group
+        ("bfloat16", [65], [520], [256], "plain", "bfloat16"),             # bf16, three weight tiles
+    ],
+)
+def test_group_gemm_wgmma_two_row_blocks(mods, rng, schedule, tokens, ms, ns, ks, layout, odt):
+    outs, refs, _, _ = _run_group_gemm(mods["gemm"], rng, tokens, ms, ns, ks, layout, odt, "hopper", schedule,
+                                       row_blocks=2)
+    for o, r in zip(outs, refs):
+        TG._check(_f64(o), r, odt)
+
+
 @pytest.mark.parametrize("tokens,m,n,k,layout", [("float16", 33, 136, 192, "blocked"), ("nvfp4", 1, 72, 64, "plain")])
 def test_dual_gemm_wgmma(mods, rng, tokens, m, n, k, layout):
     _run_dual_gemm(mods, rng, tokens, m, n, k, layout, "bfloat16", arch_args=("hopper",))
@@ -292,18 +311,19 @@ def test_group_gemm_ragged_wgmma(mods, rng):
     rg, tok, odt = gemm.validate_group_gemm_ragged(a, b, None, sfb, offsets, alpha=1.25, out=out)
     table = gemm.build_ragged_table(rg, out.ctypes.data, n)
     cfg = gemm.choose_config(tok, False, -(-total // G), "hopper")
-    _launch_gemm(mods["gemm"], cfg, table, gemm.ragged_tile_bound(total, G, n, cfg.block_m), offsets, False, odt)
+    _launch_gemm(mods["gemm"], cfg, table, gemm.ragged_tile_bound(total, G, n, cfg.block_m, cfg.block_n), offsets,
+                 False, odt)
     TG._check(_f64(out), ref, "float16")
 
 
 def test_wgmma_selection(monkeypatch):
     """The wgmma kernel runs only on a compute capability 9.0 device: forced by CUFLASH_GEMM_WGMMA=1,
-    never with =0, else for the dual GEMM only (where the H100 measured it faster)."""
+    never with =0, else for the dual GEMM and group lists of more than 32 rows (gemm.hopper_is_faster)."""
     from cuflash import _jit
 
-    calls = [(("nvfp4", False, 128), "portable"), (("nvfp4", True, 16), "hopper"), (("float16", True, 256), "hopper"),
-             (("nvfp4", False, 16), "portable"), (("float16", False, 128), "portable"),
-             (("bfloat16", False, 4096), "portable"), (("float16", False, 32), "portable")]
+    calls = [(("nvfp4", False, 128), "hopper"), (("nvfp4", True, 16), "hopper"), (("float16", True, 256), "hopper"),
+             (("nvfp4", False, 16), "portable"), (("float16", False, 128), "hopper"),
+             (("bfloat16", False, 4096), "hopper"), (("float16", False, 32), "portable"), (("float16", False, 33), "hopper")]
     for cc, env in [((9, 0), "1"), ((9, 0), None), ((9, 0), "0"), ((8, 9), "1"), ((8, 0), None), ((10, 0), "1")]:
         monkeypatch.setattr(_jit, "device_cc", lambda device_id, cc=cc: cc)
         if env is None:

@@ -287,6 +287,27 @@ def test_choose_config_and_variants():
     assert len(names) == len(variants)
 
 
+def test_hopper_row_blocks_choice():
+    """The hopper kernel's 128- or 256-row tiles by the time model (gemm._HOPPER_TILE_US, fitted on
+    the H100): 256 rows where they keep the SMs busy (GPU MODE case 2: 364 tiles of 256 rows), 128
+    where halving the tiles would leave SMs idle or add a round (cases 1, 3, 4)."""
+    cases = {  # (ms, N, K): row blocks
+        ((80, 176, 128, 72, 64, 248, 96, 160), 4096, 7168): 1,
+        ((40, 76, 168, 72, 164, 148, 196, 160), 7168, 2048): 2,
+        ((192, 320), 3072, 4096): 1,
+        ((128, 384), 4096, 1536): 1,
+    }
+    variants = gemm.kernel_variants()
+    for (ms, n, k), rb in cases.items():
+        cfg = gemm.choose_config("float16", False, max(ms), "hopper", shapes=[(m, n, k) for m in ms], sms=132)
+        assert cfg.row_blocks == rb and cfg.block_n == 128 * rb and cfg in variants, (ms, cfg)
+    # no shapes, dual, or small tiles: 128 rows
+    assert gemm.choose_config("nvfp4", False, 200, "hopper").row_blocks == 1
+    assert gemm.choose_config("nvfp4", True, 200, "hopper").row_blocks == 1
+    with pytest.raises(ValueError, match="row_blocks"):
+        gemm.GemmKernelConfig("float16", 128, 1, 6, dual=True, arch="hopper", row_blocks=2)
+
+
 def test_smem_fits_hopper():
     # 227 KB is the opt-in limit per block on sm_80 / sm_90
     for v in gemm.kernel_variants():

@@ -44,7 +44,7 @@ def _sweep_variants():
     out = []
     for tok in ("nvfp4", "float16"):
         out += [gemm.GemmKernelConfig(tok, bm, wm, st) for bm, wm, st in sweep.PORTABLE]
-        out += [gemm.GemmKernelConfig(tok, bm, 1, st, arch="hopper", knobs=kn) for bm, st, kn in sweep.HOPPER]
+        out += [gemm.GemmKernelConfig(tok, bm, 1, st, arch="hopper", row_blocks=rb) for bm, st, rb in sweep.HOPPER]
     for bn, w, st in sweep.DECODE_CONFIGS + sweep.PREFILL_CONFIGS:
         out.append(attention.AttentionConfig("float16", 128, bn, w, st))
     known = {c for mod in KERNEL_MODULES for c in importlib.import_module(mod).kernel_variants()}

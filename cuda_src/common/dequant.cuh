@@ -54,8 +54,9 @@ __device__ __forceinline__ __half2 scale_factor(unsigned char sbits) {
   }
 }
 
-// Eight e2m1 codes -> four fp16x2 pairs holding q * s exactly. `factor` comes from scale_factor().
-__device__ __forceinline__ Pairs4 dequant_e2m1x8_f16(unsigned w, __half2 factor) {
+// Eight e2m1 codes -> four fp16x2 pairs holding q * s exactly, pairs 0-1 (bytes 0-1 of w) scaled by
+// f01 and pairs 2-3 (bytes 2-3) by f23, each from scale_factor() (one block scale: f01 == f23).
+__device__ __forceinline__ Pairs4 dequant_e2m1x8_f16(unsigned w, __half2 f01, __half2 f23) {
   Pairs4 out;
   if constexpr (kHasFp8Cvt) {
     // e4m3 byte of each odd value (high nibble: sign at bit 7 already, magnitude bits 4..6 -> 2..4)
@@ -69,7 +70,7 @@ __device__ __forceinline__ Pairs4 dequant_e2m1x8_f16(unsigned w, __half2 factor)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const __half2 q64 = __half2(__nv_cvt_fp8x2_to_halfraw2(e4m3x2[i], __NV_E4M3));  // q / 64, exact
-      const __half2 v = __hmul2(q64, factor);                                          // q * s, exact
+      const __half2 v = __hmul2(q64, i < 2 ? f01 : f23);                               // q * s, exact
       out.p[i] = *reinterpret_cast<const unsigned*>(&v);
     }
   } else {
@@ -83,11 +84,15 @@ __device__ __forceinline__ Pairs4 dequant_e2m1x8_f16(unsigned w, __half2 factor)
     for (int i = 0; i < 4; ++i) {
       const unsigned bits = __byte_perm(even, odd, sel[i]) & 0xFF00FF00u;
       const __half2 q = __hmul2(*reinterpret_cast<const __half2*>(&bits), kFp16Bias);  // exact
-      const __half2 v = __hmul2(q, factor);                                                // q * s, exact
+      const __half2 v = __hmul2(q, i < 2 ? f01 : f23);                                     // q * s, exact
       out.p[i] = *reinterpret_cast<const unsigned*>(&v);
     }
   }
   return out;
+}
+
+__device__ __forceinline__ Pairs4 dequant_e2m1x8_f16(unsigned w, __half2 factor) {
+  return dequant_e2m1x8_f16(w, factor, factor);
 }
 
 // fp16x2 -> bf16x2 of values exact in both (q * s always is): through fp32, exact.
@@ -99,19 +104,24 @@ __device__ __forceinline__ unsigned f16x2_to_bf16x2(unsigned h) {
 
 // Operand element type T (__half or __nv_bfloat16) version of dequant_e2m1x8_f16.
 template <typename T>
-__device__ __forceinline__ Pairs4 dequant_e2m1x8(unsigned w, __half2 factor);
+__device__ __forceinline__ Pairs4 dequant_e2m1x8(unsigned w, __half2 f01, __half2 f23);
 
 template <>
-__device__ __forceinline__ Pairs4 dequant_e2m1x8<__half>(unsigned w, __half2 factor) {
-  return dequant_e2m1x8_f16(w, factor);
+__device__ __forceinline__ Pairs4 dequant_e2m1x8<__half>(unsigned w, __half2 f01, __half2 f23) {
+  return dequant_e2m1x8_f16(w, f01, f23);
 }
 
 template <>
-__device__ __forceinline__ Pairs4 dequant_e2m1x8<__nv_bfloat16>(unsigned w, __half2 factor) {
-  Pairs4 out = dequant_e2m1x8_f16(w, factor);
+__device__ __forceinline__ Pairs4 dequant_e2m1x8<__nv_bfloat16>(unsigned w, __half2 f01, __half2 f23) {
+  Pairs4 out = dequant_e2m1x8_f16(w, f01, f23);
 #pragma unroll
   for (int i = 0; i < 4; ++i) out.p[i] = f16x2_to_bf16x2(out.p[i]);
   return out;
+}
+
+template <typename T>
+__device__ __forceinline__ Pairs4 dequant_e2m1x8(unsigned w, __half2 factor) {
+  return dequant_e2m1x8<T>(w, factor, factor);
 }
 
 }  // namespace cuflash

@@ -28,6 +28,15 @@ __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
       : "memory");
 }
 
+// An arrival on `bar` that happens once every cp.async this thread has issued so far has landed
+// (cp.async.mbarrier.arrive.noinc): the thread goes on at once, and the barrier's expected count
+// includes this arrival (noinc). A consumer whose wait sees the phase complete sees those copies.
+__device__ __forceinline__ void cp_async_mbar_arrive(unsigned long long* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(bar)))
+               : "memory");
+}
+
 // Blocks until the phase of parity `parity` has completed.
 __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(bar));

@@ -12,11 +12,16 @@
 //   B (16 x N, shared):     K-major, no swizzle: 8 x 16-byte "core matrices" (8 columns n of B, 8 k
 //                           values each, one 16-byte row per n); the two core matrices along K lie
 //                           LBO bytes apart, consecutive groups of 8 columns SBO bytes apart.
+//                           Or K-major with the 128-byte swizzle: column n's K values in a 128-byte
+//                           row, rows of 8 consecutive columns 128 bytes apart (an 8-row, 1024-byte
+//                           atom, 1024-byte aligned), atoms SBO bytes apart; the 16-byte chunk at byte
+//                           address a is stored at a ^ (((a >> 7) & 7) << 4) (address bits 4-6 XOR
+//                           bits 7-9). A k16 step further along K starts 32 bytes later.
 //   D (64 x N, registers):  float d[N / 2]; d[4j + i] is the mma.m16n8 C element i of columns
 //                           8j .. 8j+7 of the warp's 16 rows: row 16w + g + 8 (i >= 2), column
 //                           8j + 2t + (i & 1), with g = lane / 4, t = lane % 4.
 // Matrix descriptor (64 bits): bits 0-13 start address >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 49-51
-// base offset (0), 62-63 swizzle mode (0: none).
+// base offset (0), 62-63 swizzle mode (0: none, 1: 128-byte).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -28,6 +33,7 @@ constexpr int kWarpgroupThreads = 128;  // 4 consecutive warps issue one wgmma
 constexpr int kWgmmaM = 64;             // rows of A / D per wgmma
 constexpr int kCoreRows = 8;            // rows of a core matrix, 16 bytes each
 constexpr int kCoreBytes = kCoreRows * 16;
+constexpr int kSwizzleAtomBytes = 1024;  // 8 rows of 128 bytes: the 128-byte swizzle's period
 
 constexpr unsigned long long kDescFieldMask = 0x3FFFull;  // 14-bit fields, in units of 16 bytes
 
@@ -37,6 +43,13 @@ __device__ __forceinline__ unsigned long long wgmma_desc(const void* smem, unsig
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   return ((addr >> 4) & kDescFieldMask) | (((lbo >> 4) & kDescFieldMask) << 16) |
          (((sbo >> 4) & kDescFieldMask) << 32);
+}
+
+// Descriptor of a K-major operand in the 128-byte swizzled layout at `smem` (1024-byte aligned, or
+// that plus a k-step offset below 128); sbo in bytes between 8-row atoms. LBO is unused (set to 1).
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128(const void* smem, unsigned sbo) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  return ((addr >> 4) & kDescFieldMask) | (1ull << 16) | (((sbo >> 4) & kDescFieldMask) << 32) | (1ull << 62);
 }
 
 // The same descriptor moved by `bytes` (a multiple of 16) along the shared memory: the start address

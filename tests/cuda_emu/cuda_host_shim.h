@@ -68,6 +68,7 @@ struct Fiber {
   // cp.async data this thread landed in shared memory and has not yet made visible to the async
   // proxy (fence.proxy.async): [offset, offset + bytes) of the block's shared memory
   std::vector<std::pair<size_t, int>> unfenced;
+  unsigned long last_fence = 0;  // State::clock at this thread's latest fence.proxy.async
   // wgmma.mma_async: results computed at issue, written to the accumulator registers only when
   // wgmma.wait_group retires their commit group (the registers read NaN until then)
   // An issued wgmma: its result (written to d when its group retires) and what it read (B rows of
@@ -105,6 +106,8 @@ struct State {
   std::vector<Barrier> wg_bars;
   std::vector<unsigned char> wg_slots;    // [warpgroups][128][kSlotBytes]
   std::vector<unsigned short> unfenced_owner;  // per shared byte: 1 + thread that landed it unfenced, or 0
+  std::vector<unsigned long> landed_at;        // per shared byte: clock when cp.async last landed it
+  unsigned long clock = 0;                     // ticks at every landing and every proxy fence
   std::map<size_t, MBarrier> mbars;  // this block's initialised mbarriers by shared-memory offset (nodes never move)
   Barrier block_bar;
   int exited = 0;
@@ -221,18 +224,32 @@ inline void land_copy(Fiber& f, void* dst, const void* src, int bytes, bool zero
   else std::memcpy(dst, src, bytes);
   State& s = S();
   const size_t off = static_cast<unsigned char*>(dst) - s.smem;
-  for (int i = 0; i < bytes; ++i) s.unfenced_owner[off + i] = static_cast<unsigned short>(f.linear + 1);
+  const unsigned long now = ++s.clock;
+  for (int i = 0; i < bytes; ++i) {
+    s.unfenced_owner[off + i] = static_cast<unsigned short>(f.linear + 1);
+    s.landed_at[off + i] = now;
+  }
   f.unfenced.push_back({off, bytes});
 }
 
-// fence.proxy.async.shared::cta: this thread's landed copies become visible to the async proxy.
+// fence.proxy.async.shared::cta by thread f: its own landed copies become visible to the async proxy
+// (for every thread), and so does everything landed so far for f's own later wgmmas (a consumer
+// that has seen a stage through an mbarrier wait fences before reading it; see unfenced_for).
 inline void proxy_fence() {
   Fiber& f = me();
   State& s = S();
+  f.last_fence = ++s.clock;
   for (const auto& r : f.unfenced)
     for (int i = 0; i < r.second; ++i)
       if (s.unfenced_owner[r.first + i] == f.linear + 1) s.unfenced_owner[r.first + i] = 0;
   f.unfenced.clear();
+}
+
+// Whether shared byte `off` holds cp.async data not yet made visible to the calling thread's async
+// proxy: landed unfenced by its writer and not fenced by the caller since it landed.
+inline bool unfenced_for(size_t off) {
+  const State& s = S();
+  return s.unfenced_owner[off] != 0 && me().last_fence < s.landed_at[off];
 }
 
 // cp.async: completes at the wait_group that retires its group (any time in between is legal).
@@ -253,6 +270,12 @@ inline void cp_async_wait(int n_pending) {
     }
   }
   f.pending.swap(keep);
+}
+// Every cp.async the thread has issued lands now (cp.async.mbarrier.arrive: arrival after all of them).
+inline void cp_async_land_all() {
+  Fiber& f = me();
+  for (const auto& c : f.pending) land_copy(f, c.dst, c.src, c.bytes, c.zero);
+  f.pending.clear();
 }
 
 void launch_impl(dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* arg);
@@ -384,7 +407,7 @@ inline float max(float a, float b) { return fmaxf(a, b); }
 namespace cuemu {
 
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr size_t kSmemAlign = 128;
+constexpr size_t kSmemAlign = 1024;  // as the GPU's shared window: swizzle atoms line up with offsets
 constexpr size_t kCanaryBytes = 256;
 constexpr unsigned char kCanary = 0xA5;
 
@@ -460,6 +483,7 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem, void (*body)(void*),
   s.wg_bars.assign(warpgroups, Barrier{});
   s.wg_slots.assign(static_cast<size_t>(warpgroups) * kWarpgroup * kSlotBytes, 0);
   s.unfenced_owner.assign(smem, 0);
+  s.landed_at.assign(smem, 0);
   s.smem_buf.assign(smem + kSmemAlign + kCanaryBytes, 0);
   s.smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(s.smem_buf.data()) + kSmemAlign - 1) /
                                             kSmemAlign * kSmemAlign);
@@ -476,6 +500,7 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem, void (*body)(void*),
         for (int w = 0; w < warpgroups; ++w)
           s.wg_bars[w] = Barrier{0, static_cast<int>(std::min<long long>(kWarpgroup, n - 1LL * kWarpgroup * w)), 0};
         std::fill(s.unfenced_owner.begin(), s.unfenced_owner.end(), 0);
+        std::fill(s.landed_at.begin(), s.landed_at.end(), 0);
         s.mbars.clear();  // mbarriers live in shared memory: each block initialises its own
         for (long long i = 0; i < n; ++i) {
           Fiber& f = s.fibers[i];

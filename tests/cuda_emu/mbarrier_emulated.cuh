@@ -7,6 +7,9 @@
 //   mbarrier.init [addr], count      phase 0, expected = pending = count (1 <= count <= 2^20 - 1)
 //   mbarrier.arrive [addr]           pending -= 1; at 0 the phase completes: pending = expected, phase + 1
 //                                    (so an arrive never finds pending at 0)
+//   cp.async.mbarrier.arrive.noinc [addr]
+//                                    the same arrival, made when the thread's earlier cp.async copies
+//                                    have all landed (noinc: the expected count includes it)
 //   mbarrier.try_wait.parity p, [addr], parity
 //                                    p = the phase of parity `parity` has completed, i.e. the current
 //                                    phase has the other parity (parity is 0 or 1). A phase two or more
@@ -68,6 +71,18 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned coun
 __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
   ::cuemu::Barrier& b = mbarrier_emu::get(bar, "mbarrier.arrive").phase;
   if (++b.arrived == b.expected) {  // the last arrival completes the phase
+    b.arrived = 0;
+    ++b.gen;
+  }
+}
+
+// cp.async.mbarrier.arrive.noinc: the arrival happens when all of the thread's earlier cp.async
+// copies have landed; the emulator lands them here (in issue order) and arrives at once.
+__device__ __forceinline__ void cp_async_mbar_arrive(unsigned long long* bar) {
+  ::cuemu::MBarrier& m = mbarrier_emu::get(bar, "cp.async.mbarrier.arrive.noinc");
+  ::cuemu::cp_async_land_all();
+  ::cuemu::Barrier& b = m.phase;
+  if (++b.arrived == b.expected) {
     b.arrived = 0;
     ++b.gen;
   }

@@ -23,8 +23,8 @@
 // summed in double and rounded once to fp32. The results are computed at issue but reach the
 // accumulator registers only when wgmma.wait_group retires their commit group; until then the
 // registers read NaN (the ISA leaves them undefined). A wgmma needs a wgmma.fence by the thread since
-// its last wgmma.wait_group; shared memory landed by cp.async must have passed the landing thread's
-// fence.proxy.async before a wgmma reads it (the emulator tracks cp.async data; ordinary stores are
+// its last wgmma.wait_group; shared memory landed by cp.async must have passed a fence.proxy.async,
+// by the landing thread or by the issuing thread after the landing, before a wgmma reads it (the emulator tracks cp.async data; ordinary stores are
 // not tracked).
 #pragma once
 
@@ -37,6 +37,7 @@ constexpr int kWarpgroupThreads = 128;
 constexpr int kWgmmaM = 64;
 constexpr int kCoreRows = 8;
 constexpr int kCoreBytes = kCoreRows * 16;
+constexpr int kSwizzleAtomBytes = 1024;
 
 // setmaxnreg: register budgets do not exist on the host; every thread of the warpgroup must still
 // execute it (.sync.aligned).
@@ -63,17 +64,25 @@ inline std::string hex(unsigned long long v) {
 
 struct Desc {
   size_t start, lbo, sbo;
+  bool sw128;
 };
 
 inline Desc decode(unsigned long long desc) {
   const unsigned swizzle = static_cast<unsigned>(desc >> 62);
   const unsigned base_offset = static_cast<unsigned>((desc >> 49) & 7);
-  if (swizzle != 0) ::cuemu::fail("wgmma descriptor " + hex(desc) + ": swizzle mode " + std::to_string(swizzle) + " is not emulated (only 0, no swizzle)");
-  if (base_offset != 0) ::cuemu::fail("wgmma descriptor " + hex(desc) + ": matrix base offset must be 0 without swizzle");
+  if (swizzle > 1) ::cuemu::fail("wgmma descriptor " + hex(desc) + ": swizzle mode " + std::to_string(swizzle) + " is not emulated (0 none, 1 128-byte)");
+  if (base_offset != 0) ::cuemu::fail("wgmma descriptor " + hex(desc) + ": matrix base offset other than 0 is not emulated");
   const unsigned long long reserved = desc & ~((kField) | (kField << 16) | (kField << 32) | (7ull << 49) | (3ull << 62));
   if (reserved) ::cuemu::fail("wgmma descriptor " + hex(desc) + ": reserved bits set (a field overflowed?)");
   return {static_cast<size_t>(desc & kField) << 4, static_cast<size_t>((desc >> 16) & kField) << 4,
-          static_cast<size_t>((desc >> 32) & kField) << 4};
+          static_cast<size_t>((desc >> 32) & kField) << 4, swizzle == 1};
+}
+
+inline Desc decode_checked(unsigned long long desc) {
+  const Desc d = decode(desc);
+  if (d.sw128 && d.start % kSwizzleAtomBytes + 32 > 128)
+    ::cuemu::fail("wgmma descriptor " + hex(desc) + ": 128B swizzle with the k16 step leaving the atom's first row");
+  return d;
 }
 
 struct Operands {
@@ -99,20 +108,24 @@ inline void mma_rs(float* d, const unsigned (&a)[4], unsigned long long desc) {
   };
   for (int i = 0; i < kWarpgroupThreads; ++i)
     if (ops(i).desc != desc) ::cuemu::fail("wgmma.mma_async: the warpgroup's threads passed different B descriptors (" + hex(ops(i).desc) + " vs " + hex(desc) + ")");
-  const Desc b = decode(desc);
+  const Desc b = decode_checked(desc);
   std::vector<size_t> b_rows;
   std::vector<unsigned char> b_seen;
   // B(k, n): 16-bit element of the K-major no-swizzle layout; every core-matrix row read is checked.
   auto B = [&](int k, int n) {
-    const size_t off = b.start + (k / 8) * b.lbo + (n / 8) * b.sbo + (n % 8) * 16 + (k % 8) * 2;
+    size_t off = b.start + (k / 8) * b.lbo + (n / 8) * b.sbo + (n % 8) * 16 + (k % 8) * 2;
+    if (b.sw128) {  // column n's 128-byte row, then address bits 4-6 XOR bits 7-9
+      const size_t logical = b.start + (n / 8) * b.sbo + (n % 8) * 128 + k * 2;
+      off = logical ^ (((logical >> 7) & 7) << 4);
+    }
     if (k % 8 == 0) {
       ::cuemu::check_smem(s.smem + off, 16, 16, "wgmma.mma_async B core-matrix row");
       b_rows.push_back(off);
       b_seen.insert(b_seen.end(), s.smem + off, s.smem + off + 16);
       for (int i = 0; i < 16; ++i)
-        if (s.unfenced_owner[off + i])
+        if (::cuemu::unfenced_for(off + i))
           ::cuemu::fail("wgmma.mma_async reads shared memory that thread " + std::to_string(s.unfenced_owner[off + i] - 1) +
-                        " landed by cp.async without a fence.proxy.async since");
+                        " landed by cp.async with no fence.proxy.async since, by it or by the reading thread");
     }
     unsigned short v;
     std::memcpy(&v, s.smem + off, 2);
@@ -144,6 +157,19 @@ inline void mma_rs(float* d, const unsigned (&a)[4], unsigned long long desc) {
 }
 
 }  // namespace wgmma_emu
+
+// 128-byte swizzle, K-major: the start must be a 1024-byte aligned atom plus a k offset that keeps
+// the k16 step (32 bytes) inside the atom's first 128-byte row; LBO is unused (1).
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128(const void* smem, unsigned sbo) {
+  ::cuemu::check_smem(smem, 16, 16, "wgmma descriptor start address");
+  const size_t addr = static_cast<const unsigned char*>(smem) - ::cuemu::dynamic_smem();
+  if (addr % kSwizzleAtomBytes + 32 > 128)
+    ::cuemu::fail("wgmma 128B-swizzle descriptor: start " + std::to_string(addr) + " is not a 1024-byte atom plus a k offset below 96");
+  if ((addr >> 4) > wgmma_emu::kField || (sbo >> 4) > wgmma_emu::kField) ::cuemu::fail("wgmma descriptor: a field does not fit its 14 bits");
+  if (sbo % kSwizzleAtomBytes) ::cuemu::fail("wgmma 128B-swizzle descriptor: SBO must be a multiple of 1024 bytes");
+  return static_cast<unsigned long long>(addr >> 4) | (1ull << 16) | (static_cast<unsigned long long>(sbo >> 4) << 32) |
+         (1ull << 62);
+}
 
 // Descriptor fields per the ISA; the start address is the offset in the block's shared memory window.
 __device__ __forceinline__ unsigned long long wgmma_desc(const void* smem, unsigned lbo, unsigned sbo) {
