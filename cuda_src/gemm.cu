@@ -529,62 +529,47 @@ __device__ __forceinline__ unsigned gather_byte(unsigned w0, unsigned w1, unsign
   return __byte_perm(__byte_perm(w0, w1, sel), __byte_perm(w2, w3, sel), 0x5410u);
 }
 
-// Eight e2m1 codes whose bytes 0, 1 belong to one scale block and bytes 2, 3 to another.
-template <typename T>
-__device__ __forceinline__ Pairs4 dequant_two_blocks(unsigned w, __half2 f_lo, __half2 f_hi) {
-  return dequant_e2m1x8<T>(w, f_lo, f_hi);
-}
-
-// A fragments of one stage for this thread: a[set][s] feeds k step s of set w * kRowBlocks + b
-// (weight operand w, row block b). Rows row0 + 64 b (g) and row0 + 64 b + 8 (g + 8).
+// A fragments of one stage and accumulator set for this thread: a[s] feeds k step s of set
+// w * kRowBlocks + b (weight operand w, row block b). Rows row0 + 64 b (g) and row0 + 64 b + 8 (g + 8).
 template <class Tr, int kTokens, bool kDual>
 __device__ __forceinline__ void set_fragments(const Stage<Tr, kTokens, kDual>& st, int row0, int set,
                                               unsigned (&a)[kWgKSteps][4]) {
   using T = typename Tr::MmaT;
   const int t = threadIdx.x & 3;
-  {
-    const int w = set / Tr::kRowBlocks, b = set % Tr::kRowBlocks;
-    Pairs4 p[2][2];  // [row g / g+8][k steps 0-1 / 2-3]
+  const int w = set / Tr::kRowBlocks, b = set % Tr::kRowBlocks;
+  Pairs4 p[2][2];  // [row g / g+8][k steps 0-1 / 2-3]
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = row0 + kWgmmaM * b + 8 * h;
-      const uint4 lo = *reinterpret_cast<const uint4*>(st.weights(w) + r * kStagePackedBytes);
-      const uint4 hi = *reinterpret_cast<const uint4*>(st.weights(w) + r * kStagePackedBytes + 16);
-      const unsigned sc = *reinterpret_cast<const unsigned*>(st.weight_scales(w) + r * kStageScales);
-      __half2 f[kStageScales];
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + kWgmmaM * b + 8 * h;
+    const uint4 lo = *reinterpret_cast<const uint4*>(st.weights(w) + r * kStagePackedBytes);
+    const uint4 hi = *reinterpret_cast<const uint4*>(st.weights(w) + r * kStagePackedBytes + 16);
+    const unsigned sc = *reinterpret_cast<const unsigned*>(st.weight_scales(w) + r * kStageScales);
+    __half2 f[kStageScales];
 #pragma unroll
-      for (int b = 0; b < kStageScales; ++b) f[b] = scale_factor(static_cast<unsigned char>(sc >> (8 * b)));
-      // byte i of x: chunk i (k steps 0, 1: scale blocks 0, 1); of y: chunk 4 + i (blocks 2, 3)
-      p[h][0] = dequant_two_blocks<T>(gather_byte(lo.x, lo.y, lo.z, lo.w, t), f[0], f[1]);
-      p[h][1] = dequant_two_blocks<T>(gather_byte(hi.x, hi.y, hi.z, hi.w, t), f[2], f[3]);
-    }
+    for (int i = 0; i < kStageScales; ++i) f[i] = scale_factor(static_cast<unsigned char>(sc >> (8 * i)));
+    // byte i of x: chunk i (k steps 0, 1: scale blocks 0, 1); of y: chunk 4 + i (blocks 2, 3); bytes
+    // 0-1 of each gathered word belong to the first of its two blocks, bytes 2-3 to the second
+    p[h][0] = dequant_e2m1x8<T>(gather_byte(lo.x, lo.y, lo.z, lo.w, t), f[0], f[1]);
+    p[h][1] = dequant_e2m1x8<T>(gather_byte(hi.x, hi.y, hi.z, hi.w, t), f[2], f[3]);
+  }
 #pragma unroll
-    for (int s = 0; s < kWgKSteps; ++s) {
-      const int q = s / 2, c = 2 * (s % 2);  // chunk 2s is pair c of word q, chunk 2s+1 pair c+1
-      a[s][0] = p[0][q].p[c];      // (row g,     k 2t, 2t+1)
-      a[s][1] = p[1][q].p[c];      // (row g + 8, k 2t, 2t+1)
-      a[s][2] = p[0][q].p[c + 1];  // (row g,     k 2t+8, 2t+9)
-      a[s][3] = p[1][q].p[c + 1];  // (row g + 8, k 2t+8, 2t+9)
-    }
+  for (int s = 0; s < kWgKSteps; ++s) {
+    const int q = s / 2, c = 2 * (s % 2);  // chunk 2s is pair c of word q, chunk 2s+1 pair c+1
+    a[s][0] = p[0][q].p[c];      // (row g,     k 2t, 2t+1)
+    a[s][1] = p[1][q].p[c];      // (row g + 8, k 2t, 2t+1)
+    a[s][2] = p[0][q].p[c + 1];  // (row g,     k 2t+8, 2t+9)
+    a[s][3] = p[1][q].p[c + 1];  // (row g + 8, k 2t+8, 2t+9)
   }
 }
 
-template <class Tr, int kTokens, bool kDual>
-__device__ __forceinline__ void weight_fragments(const Stage<Tr, kTokens, kDual>& st, int row0,
-                                                 unsigned (&a)[Tr::kSets][kWgKSteps][4]) {
+// Keeps fragments of a wgmma that has retired from being rewritten before its wgmma_wait.
+__device__ __forceinline__ void fence_fragments(unsigned (&a)[kWgKSteps][4]) {
 #pragma unroll
-  for (int set = 0; set < Tr::kSets; ++set) set_fragments<Tr, kTokens, kDual>(st, row0, set, a[set]);
+  for (int s = 0; s < kWgKSteps; ++s) wgmma_fence_operand(a[s]);
 }
 
-template <class Tr>
-__device__ __forceinline__ void fence_fragments(unsigned (&a)[Tr::kSets][kWgKSteps][4]) {
-#pragma unroll
-  for (int set = 0; set < Tr::kSets; ++set)
-#pragma unroll
-    for (int s = 0; s < kWgKSteps; ++s) wgmma_fence_operand(a[set][s]);
-}
-
-// Issues (and commits as one group) the 4 wgmmas of one accumulator set and stage.
+// Issues (and commits as one group) the 4 wgmmas of one accumulator set and stage; they run on while
+// the caller prepares other fragments. `a` must stay untouched until they complete.
 template <class Tr, int kBlockM>
 __device__ __forceinline__ void issue_set_wgmma(const unsigned char* tokens_f16, float (&acc)[Tr::kAcc],
                                                 unsigned (&a)[kWgKSteps][4]) {
@@ -594,24 +579,6 @@ __device__ __forceinline__ void issue_set_wgmma(const unsigned char* tokens_f16,
   wgmma_fence();
 #pragma unroll
   for (int s = 0; s < kWgKSteps; ++s) wgmma_m64k16_rs<kBlockM, T>(acc, a[s], wgmma_desc_advance(desc, s * kWgKStepBytes));
-  wgmma_commit();
-}
-
-// Issues (and commits as one group) the wgmmas of one stage for this thread's warpgroup; they run
-// on while the caller prepares the next stage. `a` must stay untouched until they complete.
-template <class Tr, int kBlockM, int kTokens, bool kDual>
-__device__ __forceinline__ void issue_stage_wgmma(const unsigned char* tokens_f16, float (&acc)[Tr::kSets][Tr::kAcc],
-                                                  unsigned (&a)[Tr::kSets][kWgKSteps][4]) {
-  using T = typename Tr::MmaT;
-  const unsigned long long desc = wgmma_desc_sw128(tokens_f16, kWgSbo);
-#pragma unroll
-  for (int set = 0; set < Tr::kSets; ++set) wgmma_fence_operand(acc[set]);
-  wgmma_fence();
-#pragma unroll
-  for (int s = 0; s < kWgKSteps; ++s)
-#pragma unroll
-    for (int set = 0; set < Tr::kSets; ++set)
-      wgmma_m64k16_rs<kBlockM, T>(acc[set], a[set][s], wgmma_desc_advance(desc, s * kWgKStepBytes));
   wgmma_commit();
 }
 
@@ -686,8 +653,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
           if (kt > 0) {
             wgmma_wait<Tr::kSets - 1>();  // set `set` of stage kt - 1 has retired
             wgmma_fence_operand(acc[set]);
-#pragma unroll
-            for (int s = 0; s < kWgKSteps; ++s) wgmma_fence_operand(a[set][s]);
+            fence_fragments(a[set]);
             if (set == Tr::kSets - 1) release(q + kt - 1);  // every set of stage kt - 1 is done with it
           }
           set_fragments<Tr, kTokens, kDual>(stage(q + kt), row0, set, a[set]);
@@ -695,25 +661,25 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
         }
       }
     } else {
-    // Fragments of stage kt in a[kt % 2] (named at compile time: two stages per trip). Stage kt's
-    // wgmmas run while stage kt + 1 is dequantized; the wait retires stage kt - 1's.
-    unsigned a0[Tr::kSets][kWgKSteps][4], a1[Tr::kSets][kWgKSteps][4];
-    acquire(q);
-    weight_fragments<Tr, kTokens, kDual>(stage(q), row0, a0);
-    auto step = [&](int kt, unsigned (&cur)[Tr::kSets][kWgKSteps][4], unsigned (&nxt)[Tr::kSets][kWgKSteps][4]) {
-      issue_stage_wgmma<Tr, kBlockM, kTokens, kDual>(stage(q + kt).tokens(), acc, cur);
-      wgmma_wait<1>();
-      fence_fragments<Tr>(nxt);
-      if (kt > 0) release(q + kt - 1);
-      if (kt + 1 < kts) {
-        acquire(q + kt + 1);
-        weight_fragments<Tr, kTokens, kDual>(stage(q + kt + 1), row0, nxt);
+      // One set: fragments of stage kt in a[kt % 2] (named at compile time: two stages per trip).
+      // Stage kt's wgmmas run while stage kt + 1 is dequantized; the wait retires stage kt - 1's.
+      unsigned a0[kWgKSteps][4], a1[kWgKSteps][4];
+      acquire(q);
+      set_fragments<Tr, kTokens, kDual>(stage(q), row0, 0, a0);
+      auto step = [&](int kt, unsigned (&cur)[kWgKSteps][4], unsigned (&nxt)[kWgKSteps][4]) {
+        issue_set_wgmma<Tr, kBlockM>(stage(q + kt).tokens(), acc[0], cur);
+        wgmma_wait<1>();
+        fence_fragments(nxt);
+        if (kt > 0) release(q + kt - 1);
+        if (kt + 1 < kts) {
+          acquire(q + kt + 1);
+          set_fragments<Tr, kTokens, kDual>(stage(q + kt + 1), row0, 0, nxt);
+        }
+      };
+      for (int kt = 0; kt < kts; kt += 2) {
+        step(kt, a0, a1);
+        if (kt + 1 < kts) step(kt + 1, a1, a0);
       }
-    };
-    for (int kt = 0; kt < kts; kt += 2) {
-      step(kt, a0, a1);
-      if (kt + 1 < kts) step(kt + 1, a1, a0);
-    }
     }
     wgmma_wait<0>();
 #pragma unroll

@@ -105,12 +105,7 @@ class GemmKernelConfig(_jit.KernelConfig):
     dual: bool = False
     arch: str = "portable"
     row_blocks: int = 1
-    #: -D options of the sweep's knobs (bench/sweep.py; gemm.cu "Knobs"), empty in what ships
-    knobs: tuple = ()
     source = "gemm.cu"
-
-    def defines(self) -> tuple[str, ...]:
-        return tuple(f"-D{k}" for k in self.knobs)
 
     def __post_init__(self):
         if self.tokens not in _TOKEN_KINDS:
@@ -161,9 +156,8 @@ class GemmKernelConfig(_jit.KernelConfig):
 
     def kernel_name(self) -> str:
         kind = "group_gemm_wgmma" if self.arch == "hopper" else "group_gemm"
-        knobs = "".join(f"_{k.lower()}" for k in self.knobs)
         rb = f"_rb{self.row_blocks}" if self.arch == "hopper" else ""
-        return f"{kind}_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}{rb}_wm{self.warps_m}_s{self.stages}{knobs}"
+        return f"{kind}_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}{rb}_wm{self.warps_m}_s{self.stages}"
 
     def smem_bytes(self, num_problems: int) -> int:
         """Dynamic shared memory of a launch over ``num_problems`` problems (GemmTraits /
@@ -201,11 +195,11 @@ _HOPPER_TILE_US = {1: (0.62, 9.3), 2: (1.05, 14.4)}
 
 def _hopper_round_estimate(shapes, block_m: int, row_blocks: int, sms: int) -> float:
     c, e = _HOPPER_TILE_US[row_blocks]
-    tiles = tile_count([m for m, _, _ in shapes], [n for _, n, _ in shapes], block_m, BLOCK_N * row_blocks)
+    per_problem = [(V.ceil_div(m, block_m) * V.ceil_div(n, BLOCK_N * row_blocks), k // STAGE_K) for m, n, k in shapes]
+    tiles = sum(t for t, _ in per_problem)
     if tiles == 0:
         return 0.0
-    stages = sum(V.ceil_div(m, block_m) * V.ceil_div(n, BLOCK_N * row_blocks) * (k // STAGE_K)
-                 for m, n, k in shapes) / tiles
+    stages = sum(t * ks for t, ks in per_problem) / tiles
     return V.ceil_div(tiles, sms) * (stages * c + e)
 
 

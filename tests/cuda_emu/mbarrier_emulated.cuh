@@ -79,13 +79,9 @@ __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
 // cp.async.mbarrier.arrive.noinc: the arrival happens when all of the thread's earlier cp.async
 // copies have landed; the emulator lands them here (in issue order) and arrives at once.
 __device__ __forceinline__ void cp_async_mbar_arrive(unsigned long long* bar) {
-  ::cuemu::MBarrier& m = mbarrier_emu::get(bar, "cp.async.mbarrier.arrive.noinc");
+  mbarrier_emu::get(bar, "cp.async.mbarrier.arrive.noinc");  // checked before the copies land
   ::cuemu::cp_async_land_all();
-  ::cuemu::Barrier& b = m.phase;
-  if (++b.arrived == b.expected) {
-    b.arrived = 0;
-    ++b.gen;
-  }
+  mbar_arrive(bar);
 }
 
 __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
