@@ -482,7 +482,7 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
 // (one fragment buffer each) rather than per stage (two), which leaves room for 2 x 64 accumulators.
 constexpr int kWgConsumers = 2;                              // consumer warpgroups
 constexpr int kWgThreads = (1 + kWgConsumers) * kWarpgroupThreads;  // 384 threads per CTA
-constexpr int kWgConsumerWarps = kWgConsumers * kWarpgroupThreads / 32;
+constexpr int kWgConsumerThreads = kWgConsumers * kWarpgroupThreads;
 constexpr int kWgTokenRowBytes = kStageK * 2;                // 128: one swizzle row per token and stage
 constexpr int kWgSbo = kSwizzleAtomBytes;                    // N direction: the next 8 tokens (1024)
 constexpr int kWgKStepBytes = 16 * 2;                        // K direction: 16 values per wgmma k step
@@ -583,7 +583,10 @@ __device__ __forceinline__ void issue_set_wgmma(const unsigned char* tokens_f16,
 }
 
 // The ring's mbarriers: full[s] completes when the producer has published stage slot s (one arrival
-// per producer thread), empty[s] when every consumer warp is done with it (one arrival per warp).
+// per producer thread), empty[s] when every consumer thread is done with it (one arrival each: with
+// one arrival per warp after __syncwarp, compute-sanitizer racecheck reported the producer's next
+// copies into the slot as WAR hazards against the other lanes' reads, 12 on the float16 sanitize
+// case; per-thread arrivals report none and time the same on the GPU MODE cases, session 5).
 // Use u = q / kStages of slot s = q % kStages is phase u of both barriers.
 struct Ring {
   unsigned long long* full;
@@ -626,9 +629,8 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
     mbar_wait(&ring.full[q % kStages], (q / kStages) & 1);
     fence_proxy_async_shared();
   };
-  auto release = [&](int q) {  // after wgmma_wait: the warp's wgmmas and fragment reads of stage q are done
-    __syncwarp();  // every lane has passed its wait before one arrives for the warp
-    if (lane == 0) mbar_arrive(&ring.empty[q % kStages]);
+  auto release = [&](int q) {  // after wgmma_wait: this thread's wgmmas and fragment reads of stage q are done
+    mbar_arrive(&ring.empty[q % kStages]);
   };
   int q = 0;  // stages consumed so far, over all tiles
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
@@ -728,7 +730,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&ring.full[s], kWarpgroupThreads);
-      mbar_init(&ring.empty[s], kWgConsumerWarps);
+      mbar_init(&ring.empty[s], kWgConsumerThreads);
     }
   }
   build_tile_prefix<kBlockM, Tr::kBlockRows>(problems, num_problems, offsets, prefix);  // ends with a barrier
