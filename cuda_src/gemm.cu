@@ -284,8 +284,8 @@ __device__ __forceinline__ void dequant_tokens(const Stage<Tr, kTokens, kDual>& 
     const __half2 factor = scale_factor(st.token_scales()[r * kStageScales + blk]);
     const Pairs4 lo = dequant_e2m1x8_f16(packed.x, factor);
     const Pairs4 hi = dequant_e2m1x8_f16(packed.y, factor);
-    *reinterpret_cast<uint4*>(dst + Tr::token_chunk_offset(r, 2 * blk)) = make_uint4(lo.p[0], lo.p[1], lo.p[2], lo.p[3]);
-    *reinterpret_cast<uint4*>(dst + Tr::token_chunk_offset(r, 2 * blk + 1)) = make_uint4(hi.p[0], hi.p[1], hi.p[2], hi.p[3]);
+    *reinterpret_cast<uint4*>(dst + Tr::token_chunk_offset(r, 2 * blk)) = as_uint4(lo);
+    *reinterpret_cast<uint4*>(dst + Tr::token_chunk_offset(r, 2 * blk + 1)) = as_uint4(hi);
   }
 }
 
@@ -768,8 +768,8 @@ __global__ void __launch_bounds__(kDequantThreads)
     const Pairs4 lo = dequant_e2m1x8_f16(packed.x, factor);
     const Pairs4 hi = dequant_e2m1x8_f16(packed.y, factor);
     uint4* dst = reinterpret_cast<uint4*>(reinterpret_cast<__half*>(p.c) + row * p.c_row + b * kScaleBlock);
-    dst[0] = make_uint4(lo.p[0], lo.p[1], lo.p[2], lo.p[3]);
-    dst[1] = make_uint4(hi.p[0], hi.p[1], hi.p[2], hi.p[3]);
+    dst[0] = as_uint4(lo);
+    dst[1] = as_uint4(hi);
   }
 }
 

@@ -815,15 +815,13 @@ def _array_key(x, tensor_type, ndarray_type):
     process), shape, strides and dtype. Exact type checks first: this runs for every operand of
     every call (40 tensors for 8 W4A4 groups), and isinstance on torch.Tensor is slow."""
     t = type(x)
-    if t is tensor_type or (tensor_type is not None and t is not list and t is not tuple and isinstance(x, tensor_type)):
-        return (x.data_ptr(), x.shape, x.stride(), x.dtype)
-    if t is ndarray_type:
-        return (x.data.ptr, x.shape, x.strides, x.dtype)
     if t is list or t is tuple:
         return tuple([_array_key(v, tensor_type, ndarray_type) for v in x])
     if x is None:
         return None
-    if ndarray_type is not None and isinstance(x, ndarray_type):
+    if t is tensor_type or (tensor_type is not None and isinstance(x, tensor_type)):
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype)
+    if t is ndarray_type or (ndarray_type is not None and isinstance(x, ndarray_type)):
         return (x.data.ptr, x.shape, x.strides, x.dtype)
     raise TypeError  # not a GPU array: the full path validates and explains
 
@@ -872,19 +870,6 @@ def _remember(key, plan) -> None:
             _launch_cache.popitem(last=False)
 
 
-_external_streams: dict = {}
-
-
-def _external_stream(cp, handle: int, device_id: int):
-    """CuPy's view of a torch stream, made once per stream (a replayed call's host time counts)."""
-    s = _external_streams.get((handle, device_id))
-    if s is None:
-        if len(_external_streams) > 64:
-            _external_streams.clear()
-        s = _external_streams[(handle, device_id)] = cp.cuda.ExternalStream(handle, device_id)
-    return s
-
-
 class GemmPlan:
     """One validated GEMM launch, replayable with no validation and no host work beyond the launch.
 
@@ -905,9 +890,8 @@ class GemmPlan:
         current stream when the plan was made from torch tensors)."""
         cp = _jit.require_gpu()
         if stream is None:
-            torch = interop._torch_module()
-            if self._torch_in and torch is not None:
-                stream = _external_stream(cp, torch.cuda.current_stream(self.device_id).cuda_stream, self.device_id)
+            if self._torch_in and interop._torch_module() is not None:
+                stream = interop.torch_current_stream(self.device_id)
             else:
                 with cp.cuda.Device(self.device_id):
                     stream = cp.cuda.get_current_stream()

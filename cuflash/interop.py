@@ -29,6 +29,22 @@ def _torch_module():
     return sys.modules.get("torch")  # never import torch ourselves: if it is not loaded, no tensor exists
 
 
+_TORCH_STREAMS: dict = {}  # (raw stream, device) -> the CuPy stream wrapping it
+
+
+def torch_current_stream(device_id: int):
+    """torch's current stream of ``device_id`` as a CuPy stream, one wrapper per raw stream, kept: a
+    call on torch tensors pays no wrapper construction (its host time counts when small GEMMs are
+    timed back to back)."""
+    ptr = _torch_module().cuda.current_stream(device_id).cuda_stream
+    stream = _TORCH_STREAMS.get((ptr, device_id))
+    if stream is None:
+        if len(_TORCH_STREAMS) >= 256:  # streams come and go in long-lived servers
+            _TORCH_STREAMS.clear()
+        stream = _TORCH_STREAMS[(ptr, device_id)] = require_gpu().cuda.ExternalStream(ptr, device_id)
+    return stream
+
+
 def is_torch_tensor(x) -> bool:
     torch = _torch_module()
     return torch is not None and isinstance(x, torch.Tensor)
@@ -113,9 +129,7 @@ def call_context(**named) -> CallContext:
         raise ValueError(f"all arrays of one call must live on one GPU, got {desc}")
     (device_id,) = devices
     if torch_in:
-        torch = _torch_module()
-        ptr = torch.cuda.current_stream(device_id).cuda_stream
-        stream = cp.cuda.ExternalStream(ptr, device_id)
+        stream = torch_current_stream(device_id)
     else:
         with cp.cuda.Device(device_id):
             stream = cp.cuda.get_current_stream()
@@ -139,7 +153,7 @@ def torch_to_cupy(t, stream=None):
         t = t.view(torch.uint8)
     with cp.cuda.Device(t.device.index):
         if stream is None:
-            stream = cp.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream, t.device.index)
+            stream = torch_current_stream(t.device.index)
         with stream:
             if t.dtype == torch.bfloat16:
                 try:

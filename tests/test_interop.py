@@ -62,3 +62,31 @@ def test_call_context_runs_on_the_inputs_device():
     with cp.cuda.Device(0):
         ctx = interop.call_context(x=x)
     assert ctx.device_id == 1
+
+
+def test_torch_stream_wrapper_is_made_once_per_raw_stream(monkeypatch):
+    """A call on torch tensors wraps torch's current stream for CuPy; the wrapper is cached per (raw
+    stream, device), so repeated calls pay no construction."""
+    import types
+
+    current = {"ptr": 1000}
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        current_stream=lambda device: types.SimpleNamespace(cuda_stream=current["ptr"] + device)))
+    made = []
+
+    class FakeExternal:
+        def __init__(self, ptr, device_id):
+            made.append((ptr, device_id))
+            self.ptr = ptr
+
+    fake_cp = types.SimpleNamespace(cuda=types.SimpleNamespace(ExternalStream=FakeExternal))
+    monkeypatch.setattr(interop, "_torch_module", lambda: fake_torch)
+    monkeypatch.setattr(interop, "require_gpu", lambda: fake_cp)
+    monkeypatch.setattr(interop, "_TORCH_STREAMS", {})
+    s0 = interop.torch_current_stream(0)
+    assert interop.torch_current_stream(0) is s0 and s0.ptr == 1000
+    s1 = interop.torch_current_stream(1)
+    assert s1 is not s0 and s1.ptr == 1001
+    current["ptr"] = 2000  # the caller switched torch streams: a new wrapper for the new stream
+    s2 = interop.torch_current_stream(0)
+    assert s2.ptr == 2000 and made == [(1000, 0), (1001, 1), (2000, 0)]

@@ -31,6 +31,9 @@ struct Pairs4 {
   unsigned p[4];  // fp16x2 or bf16x2 bit patterns
 };
 
+// The four pairs as one 16-byte store.
+__device__ __forceinline__ uint4 as_uint4(const Pairs4& x) { return make_uint4(x.p[0], x.p[1], x.p[2], x.p[3]); }
+
 // Selectors for __byte_perm(even, odd, sel): interleave the bytes of `even` (values 0,2,4,6) and
 // `odd` (values 1,3,5,7) into (v0 v1 v2 v3) and (v4 v5 v6 v7).
 constexpr unsigned kInterleaveLo = 0x5140u;

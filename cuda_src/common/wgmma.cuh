@@ -9,10 +9,8 @@
 // by the 4 warps of a warpgroup (warp_in_group = warp % 4), fp32 accumulators:
 //   A (64 x 16, registers): warp_in_group w holds rows 16w .. 16w+15 in the layout of mma.m16n8k16's
 //                           A fragment (common/mma.cuh), four 32-bit registers of two 16-bit values.
-//   B (16 x N, shared):     K-major, no swizzle: 8 x 16-byte "core matrices" (8 columns n of B, 8 k
-//                           values each, one 16-byte row per n); the two core matrices along K lie
-//                           LBO bytes apart, consecutive groups of 8 columns SBO bytes apart.
-//                           Or K-major with the 128-byte swizzle: column n's K values in a 128-byte
+//   B (16 x N, shared):     K-major with the 128-byte swizzle (the only layout built here; the ISA
+//                           also has no swizzle and 32/64-byte swizzles): column n's K values in a 128-byte
 //                           row, rows of 8 consecutive columns 128 bytes apart (an 8-row, 1024-byte
 //                           atom, 1024-byte aligned), atoms SBO bytes apart; the 16-byte chunk at byte
 //                           address a is stored at a ^ (((a >> 7) & 7) << 4) (address bits 4-6 XOR
@@ -31,19 +29,9 @@ namespace cuflash {
 
 constexpr int kWarpgroupThreads = 128;  // 4 consecutive warps issue one wgmma
 constexpr int kWgmmaM = 64;             // rows of A / D per wgmma
-constexpr int kCoreRows = 8;            // rows of a core matrix, 16 bytes each
-constexpr int kCoreBytes = kCoreRows * 16;
 constexpr int kSwizzleAtomBytes = 1024;  // 8 rows of 128 bytes: the 128-byte swizzle's period
 
 constexpr unsigned long long kDescFieldMask = 0x3FFFull;  // 14-bit fields, in units of 16 bytes
-
-// Descriptor of a no-swizzle K-major shared-memory operand starting at `smem` (16-byte aligned);
-// lbo / sbo in bytes (multiples of 16).
-__device__ __forceinline__ unsigned long long wgmma_desc(const void* smem, unsigned lbo, unsigned sbo) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  return ((addr >> 4) & kDescFieldMask) | (((lbo >> 4) & kDescFieldMask) << 16) |
-         (((sbo >> 4) & kDescFieldMask) << 32);
-}
 
 // Descriptor of a K-major operand in the 128-byte swizzled layout at `smem` (1024-byte aligned, or
 // that plus a k-step offset below 128); sbo in bytes between 8-row atoms. LBO is unused (set to 1).
@@ -108,80 +96,47 @@ __device__ __forceinline__ void warpgroup_claim_registers() {
 template <int kN, typename T>
 __device__ __forceinline__ void wgmma_m64k16_rs(float (&d)[kN / 2], const unsigned (&a)[4], unsigned long long desc_b);
 
-// One definition per N, instantiated for fp16 and bf16 operands (CT: the C++ type, PT: its PTX name).
-#define CUFLASH_WGMMA_M64N16K16_RS(CT, PT) \
+// One definition per N and operand type: CT the C++ type, PT its PTX name; D the "{%0, ...}" list
+// of the N / 2 accumulators, which are operands 0 .. N/2 - 1 (the trailing "+f" constraints), so
+// A is operands N/2 .. N/2 + 3, the descriptor N/2 + 4 and the scale-d source N/2 + 5.
+#define CUFLASH_WGMMA_RS(N, CT, PT, D, A, DESC, SCALE_D, ...) \
 template <> \
-__device__ __forceinline__ void wgmma_m64k16_rs<16, CT>(float (&d)[8], const unsigned (&a)[4], unsigned long long desc_b) { \
+__device__ __forceinline__ void wgmma_m64k16_rs<N, CT>(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc_b) { \
   asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32." PT "." PT " " \
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, " \
-      "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n" \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PT "." PT " " D ", " A ", " DESC ", p, 1, 1, 0;\n}\n" \
+      : __VA_ARGS__ \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1) \
       : "memory"); \
 }
-CUFLASH_WGMMA_M64N16K16_RS(__half, "f16")
-CUFLASH_WGMMA_M64N16K16_RS(__nv_bfloat16, "bf16")
-#undef CUFLASH_WGMMA_M64N16K16_RS
+#define CUFLASH_WGMMA_RS_F16_BF16(N, D, A, DESC, SCALE_D, ...) \
+  CUFLASH_WGMMA_RS(N, __half, "f16", D, A, DESC, SCALE_D, __VA_ARGS__) \
+  CUFLASH_WGMMA_RS(N, __nv_bfloat16, "bf16", D, A, DESC, SCALE_D, __VA_ARGS__)
 
-#define CUFLASH_WGMMA_M64N32K16_RS(CT, PT) \
-template <> \
-__device__ __forceinline__ void wgmma_m64k16_rs<32, CT>(float (&d)[16], const unsigned (&a)[4], unsigned long long desc_b) { \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32." PT "." PT " " \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
-      "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n" \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1) \
-      : "memory"); \
-}
-CUFLASH_WGMMA_M64N32K16_RS(__half, "f16")
-CUFLASH_WGMMA_M64N32K16_RS(__nv_bfloat16, "bf16")
-#undef CUFLASH_WGMMA_M64N32K16_RS
-
-#define CUFLASH_WGMMA_M64N64K16_RS(CT, PT) \
-template <> \
-__device__ __forceinline__ void wgmma_m64k16_rs<64, CT>(float (&d)[32], const unsigned (&a)[4], unsigned long long desc_b) { \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " " \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n" \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1) \
-      : "memory"); \
-}
-CUFLASH_WGMMA_M64N64K16_RS(__half, "f16")
-CUFLASH_WGMMA_M64N64K16_RS(__nv_bfloat16, "bf16")
-#undef CUFLASH_WGMMA_M64N64K16_RS
-
-#define CUFLASH_WGMMA_M64N128K16_RS(CT, PT) \
-template <> \
-__device__ __forceinline__ void wgmma_m64k16_rs<128, CT>(float (&d)[64], const unsigned (&a)[4], unsigned long long desc_b) { \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " " \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n" \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1) \
-      : "memory"); \
-}
-CUFLASH_WGMMA_M64N128K16_RS(__half, "f16")
-CUFLASH_WGMMA_M64N128K16_RS(__nv_bfloat16, "bf16")
-#undef CUFLASH_WGMMA_M64N128K16_RS
+CUFLASH_WGMMA_RS_F16_BF16(16, "{%0, %1, %2, %3, %4, %5, %6, %7}",
+    "{%8, %9, %10, %11}", "%12", "%13",
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]))
+CUFLASH_WGMMA_RS_F16_BF16(32, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}",
+    "{%16, %17, %18, %19}", "%20", "%21",
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]))
+CUFLASH_WGMMA_RS_F16_BF16(64, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}",
+    "{%32, %33, %34, %35}", "%36", "%37",
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]))
+CUFLASH_WGMMA_RS_F16_BF16(128, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}",
+    "{%64, %65, %66, %67}", "%68", "%69",
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+    "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]))
+#undef CUFLASH_WGMMA_RS_F16_BF16
+#undef CUFLASH_WGMMA_RS
 
 }  // namespace cuflash

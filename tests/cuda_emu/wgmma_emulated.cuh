@@ -16,9 +16,12 @@
 //        bits 32-45 stride dimension byte offset >> 4 (SBO)
 //        bits 49-51 matrix base offset (0 unless a swizzle pattern is offset)
 //        bits 62-63 swizzle mode: 0 none, 1 128B, 2 64B, 3 32B
-//      Only no-swizzle, K-major (imm-trans-b = 0) is emulated: B is made of core matrices of 8 columns
-//      n x 16 bytes (8 k values of 2 bytes, one 16-byte row per n, rows 16 bytes apart); element
-//      (k, n) lies at start + (k / 8) * LBO + (n / 8) * SBO + (n % 8) * 16 + (k % 8) * 2.
+//      K-major (imm-trans-b = 0) with no swizzle or the 128-byte swizzle is emulated. No swizzle: B
+//      is made of core matrices of 8 columns n x 16 bytes (8 k values of 2 bytes, one 16-byte row per
+//      n, rows 16 bytes apart); element (k, n) lies at start + (k / 8) * LBO + (n / 8) * SBO + (n % 8)
+//      * 16 + (k % 8) * 2. 128-byte swizzle: column n's K values in a 128-byte row at start + (n / 8)
+//      * SBO + (n % 8) * 128, each 16-byte chunk at address a stored at a ^ (((a >> 7) & 7) << 4).
+//      The kernels build only 128-byte swizzle descriptors (wgmma_desc_sw128).
 // Semantics emulated: D = A B + D (scale-d = 1), products exact in double, the 16 products and D
 // summed in double and rounded once to fp32. The results are computed at issue but reach the
 // accumulator registers only when wgmma.wait_group retires their commit group; until then the
@@ -35,8 +38,6 @@ namespace cuflash {
 
 constexpr int kWarpgroupThreads = 128;
 constexpr int kWgmmaM = 64;
-constexpr int kCoreRows = 8;
-constexpr int kCoreBytes = kCoreRows * 16;
 constexpr int kSwizzleAtomBytes = 1024;
 
 // setmaxnreg: register budgets do not exist on the host; every thread of the warpgroup must still
@@ -169,17 +170,6 @@ __device__ __forceinline__ unsigned long long wgmma_desc_sw128(const void* smem,
   if (sbo % kSwizzleAtomBytes) ::cuemu::fail("wgmma 128B-swizzle descriptor: SBO must be a multiple of 1024 bytes");
   return static_cast<unsigned long long>(addr >> 4) | (1ull << 16) | (static_cast<unsigned long long>(sbo >> 4) << 32) |
          (1ull << 62);
-}
-
-// Descriptor fields per the ISA; the start address is the offset in the block's shared memory window.
-__device__ __forceinline__ unsigned long long wgmma_desc(const void* smem, unsigned lbo, unsigned sbo) {
-  ::cuemu::check_smem(smem, 16, 16, "wgmma descriptor start address");
-  const size_t addr = static_cast<const unsigned char*>(smem) - ::cuemu::dynamic_smem();
-  if ((addr >> 4) > wgmma_emu::kField || (lbo >> 4) > wgmma_emu::kField || (sbo >> 4) > wgmma_emu::kField)
-    ::cuemu::fail("wgmma descriptor: a field does not fit its 14 bits");
-  if (lbo % 16 || sbo % 16) ::cuemu::fail("wgmma descriptor: LBO / SBO must be multiples of 16 bytes");
-  return static_cast<unsigned long long>(addr >> 4) | (static_cast<unsigned long long>(lbo >> 4) << 16) |
-         (static_cast<unsigned long long>(sbo >> 4) << 32);
 }
 
 __device__ __forceinline__ unsigned long long wgmma_desc_advance(unsigned long long desc, unsigned bytes) {
