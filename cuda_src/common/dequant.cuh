@@ -57,6 +57,22 @@ __device__ __forceinline__ __half2 scale_factor(unsigned char sbits) {
   }
 }
 
+// The factors of four consecutive scales (bit patterns in the bytes of `sbits4`, the first in the low
+// byte), two per register: f01 = (factor 0, factor 1), f23 = (factor 2, factor 3), each as
+// scale_factor() gives it (one cvt per two scales). __low2half2 / __high2half2 broadcast one.
+__device__ __forceinline__ void scale_factors4(unsigned sbits4, __half2& f01, __half2& f23) {
+  const __half2 s01 = __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(sbits4 & 0xFFFFu), __NV_E4M3));
+  const __half2 s23 = __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(sbits4 >> 16), __NV_E4M3));
+  if constexpr (kHasFp8Cvt) {
+    const __half2 bias = __float2half2_rn(64.0f);  // 2^(7 - 1), as in scale_factor
+    f01 = __hmul2(s01, bias);
+    f23 = __hmul2(s23, bias);
+  } else {
+    f01 = s01;
+    f23 = s23;
+  }
+}
+
 // Eight e2m1 codes -> four fp16x2 pairs holding q * s exactly, pairs 0-1 (bytes 0-1 of w) scaled by
 // f01 and pairs 2-3 (bytes 2-3) by f23, each from scale_factor() (one block scale: f01 == f23).
 __device__ __forceinline__ Pairs4 dequant_e2m1x8_f16(unsigned w, __half2 f01, __half2 f23) {
