@@ -44,13 +44,14 @@ constexpr bool kHasFp8Cvt = true;
 #else
 constexpr bool kHasFp8Cvt = false;
 #endif
+// The factor of the sm_89+ path: 2^(7 - 1), the e4m3 and e2m1 exponent bias difference (see above).
+constexpr float kE4M3Bias = 64.0f;
 
 // The per-block factor the pairs are multiplied by, broadcast to both halves: s * 64 on sm_89+, s on
 // sm_80 (see above). `sbits` is the e4m3 scale's bit pattern; NaN (0x7F) stays NaN.
 __device__ __forceinline__ __half2 scale_factor(unsigned char sbits) {
   const __half s = __half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(sbits), __NV_E4M3));
   if constexpr (kHasFp8Cvt) {
-    constexpr float kE4M3Bias = 64.0f;  // 2^(7 - 1): e4m3 and e2m1 exponent bias difference
     return __half2half2(__hmul(s, __float2half_rn(kE4M3Bias)));
   } else {
     return __half2half2(s);
@@ -64,7 +65,7 @@ __device__ __forceinline__ void scale_factors4(unsigned sbits4, __half2& f01, __
   const __half2 s01 = __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(sbits4 & 0xFFFFu), __NV_E4M3));
   const __half2 s23 = __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(sbits4 >> 16), __NV_E4M3));
   if constexpr (kHasFp8Cvt) {
-    const __half2 bias = __float2half2_rn(64.0f);  // 2^(7 - 1), as in scale_factor
+    const __half2 bias = __float2half2_rn(kE4M3Bias);
     f01 = __hmul2(s01, bias);
     f23 = __hmul2(s23, bias);
   } else {
