@@ -488,11 +488,16 @@ constexpr int kWgSbo = kSwizzleAtomBytes;                    // N direction: the
 constexpr int kWgKStepBytes = 16 * 2;                        // K direction: 16 values per wgmma k step
 constexpr int kWgKSteps = kStageK / 16;                      // 4 wgmma k steps per stage
 // Registers per thread after the split (setmaxnreg): the producer keeps its copy pointers, the
-// consumers their accumulators and two stages of fragments; 128 * 104 + 256 * 200 = 64512 of the
-// SM's 65536 (ptxas: 8 bytes spilled at 128 tokens x 2 sets; more at 96/208 and 88/208).
+// consumers their accumulators and two stages of fragments; 128 * 104 + 256 * 200 = 64512 (ptxas: 8
+// bytes spilled at 128 tokens x 2 sets; more at 96/208 and 88/208). The CTA starts with 168 per thread
+// (__launch_bounds__(384, 1): 65536 / 384 rounded down to a multiple of 8), and the split must fit in
+// those 64512: setmaxnreg.inc waits until enough registers are free, so a split summing to 65536
+// (72 + 2 x 216 was fine, 80 + 2 x 216 was not) hung every launch on the H100 (session 7).
 constexpr int kWgProducerRegs = 104;
 constexpr int kWgConsumerRegs = 200;
-static_assert(kWarpgroupThreads * (kWgProducerRegs + kWgConsumers * kWgConsumerRegs) <= 65536, "register file");
+constexpr int kWgLaunchRegs = (65536 / kWgThreads) / 8 * 8;
+static_assert(kWarpgroupThreads * (kWgProducerRegs + kWgConsumers * kWgConsumerRegs) <= kWgThreads * kWgLaunchRegs,
+              "the register split must fit in the registers the CTA is launched with");
 
 template <int kBlockM, int kRowBlocks_, int kStages, int kTokens, bool kDual>
 struct WgmmaTraits {
