@@ -196,7 +196,7 @@ _HOPPER_TILE_US = {1: (0.62, 9.3), 2: (1.05, 14.4)}
 
 def _hopper_round_estimate(shapes, block_m: int, row_blocks: int, sms: int) -> float:
     c, e = _HOPPER_TILE_US[row_blocks]
-    per_problem = [(V.ceil_div(m, block_m) * V.ceil_div(n, BLOCK_N * row_blocks), k // STAGE_K) for m, n, k in shapes]
+    per_problem = [(tile_count([m], [n], block_m, BLOCK_N * row_blocks), k // STAGE_K) for m, n, k in shapes]
     tiles = sum(t for t, _ in per_problem)
     if tiles == 0:
         return 0.0
@@ -259,7 +259,7 @@ def kernel_variants() -> list[GemmKernelConfig]:
 WGMMA_ENV = "CUFLASH_GEMM_WGMMA"
 
 
-def hopper_is_faster(tokens: str, dual: bool, rows_hint: int, ragged: bool = False) -> bool:
+def hopper_is_faster(dual: bool, rows_hint: int, ragged: bool = False) -> bool:
     """Where the warp-specialized wgmma kernel beat the portable one on the H100 (2026-11-23, session 4,
     after the swizzled token tile): the dual GEMM (bench/bench_group_gemm.py: 69-221 us against
     80-275 us), every GPU MODE group GEMM case (bench/sweep.py gemm: 25.7-255 us against 30.8-314 us)
@@ -269,15 +269,14 @@ def hopper_is_faster(tokens: str, dual: bool, rows_hint: int, ragged: bool = Fal
     return not ragged and (dual or rows_hint > 32)
 
 
-def launch_arch(device_id: int, tokens: str = "nvfp4", dual: bool = False, rows_hint: int = 0,
-                ragged: bool = False) -> str:
+def launch_arch(device_id: int, dual: bool = False, rows_hint: int = 0, ragged: bool = False) -> str:
     """The GEMM kernel for a call: "hopper" (wgmma, compute capability 9.0 only) or "portable"
     (mma.sync). ``CUFLASH_GEMM_WGMMA=1`` takes the wgmma kernel wherever the device allows it,
     ``CUFLASH_GEMM_WGMMA=0`` never; unset, :func:`hopper_is_faster` decides."""
     env = os.environ.get(WGMMA_ENV)
     if env == "0" or _jit.device_cc(device_id) != (9, 0):
         return "portable"
-    if env == "1" or hopper_is_faster(tokens, dual, rows_hint, ragged):
+    if env == "1" or hopper_is_faster(dual, rows_hint, ragged):
         return "hopper"
     return "portable"
 
@@ -1034,11 +1033,10 @@ def _group_gemm(a, b, sfa, sfb, alpha, out, out_dtype, scale_layout, *, key=None
                 out_ptrs.append(ptrs)
         table = build_table(prods, [(ptr, row, l * itemsize) for ptr, row, l in out_ptrs])
         rows_hint = max(p.m for p in prods)
-        cfg = choose_config(tokens, False, rows_hint, launch_arch(ctx.device_id, tokens, False, rows_hint),
-                            shapes=[(p.m, p.n, p.k) for p in prods for _ in range(p.L)],
-                            sms=_jit.sm_count(ctx.device_id))
-        tiles = tile_count([p.m for p in prods for _ in range(p.L)], [p.n for p in prods for _ in range(p.L)], cfg.block_m,
-                           cfg.block_n)
+        shapes = [(p.m, p.n, p.k) for p in prods for _ in range(p.L)]  # one per table record
+        cfg = choose_config(tokens, False, rows_hint, launch_arch(ctx.device_id, False, rows_hint),
+                            shapes=shapes, sms=_jit.sm_count(ctx.device_id))
+        tiles = tile_count([m for m, _, _ in shapes], [n for _, n, _ in shapes], cfg.block_m, cfg.block_n)
         plan = _prepare_and_launch(ctx, cp, cfg, table, tiles, None, blocked, odt, key=key, copied=copied,
                                    launch=launch)
         return (out if out is not None else ctx.to_caller(results)), plan
@@ -1100,7 +1098,7 @@ def _group_gemm_ragged(a, b, sfa, sfb, offsets, alpha, out, out_dtype, scale_lay
             optr, orow = rg.out.ptr, rg.out.row_stride // itemsize
         table = build_ragged_table(rg, optr, orow)
         rows_hint = V.ceil_div(rg.total_m, rg.groups)
-        cfg = choose_config(tokens, False, rows_hint, launch_arch(ctx.device_id, tokens, False, rows_hint, ragged=True))
+        cfg = choose_config(tokens, False, rows_hint, launch_arch(ctx.device_id, False, rows_hint, ragged=True))
         bound = ragged_tile_bound(rg.total_m, rg.groups, rg.n, cfg.block_m, cfg.block_n)
         plan = _prepare_and_launch(ctx, cp, cfg, table, bound, offsets, blocked, odt, key=key, copied=copied,
                                    launch=launch)
@@ -1149,7 +1147,7 @@ def _dual_gemm(a, b1, b2, sfa, sfb1, sfb2, alpha1, alpha2, out, out_dtype, scale
         else:
             y, ptrs = _alloc_out(cp, prod.m, prod.n, prod.L, len(a.shape), odt)
         table = build_table([prod], [(ptrs[0], ptrs[1], ptrs[2] * itemsize)])
-        cfg = choose_config(tokens, True, prod.m, launch_arch(ctx.device_id, tokens, True, prod.m))
+        cfg = choose_config(tokens, True, prod.m, launch_arch(ctx.device_id, True, prod.m))
         tiles = tile_count([prod.m] * prod.L, [prod.n] * prod.L, cfg.block_m, cfg.block_n)
         plan = _prepare_and_launch(ctx, cp, cfg, table, tiles, None, blocked, odt, key=key, copied=copied,
                                    launch=launch)

@@ -321,9 +321,8 @@ def test_wgmma_selection(monkeypatch):
     never with =0, else for the dual GEMM and group lists of more than 32 rows (gemm.hopper_is_faster)."""
     from cuflash import _jit
 
-    calls = [(("nvfp4", False, 128), "hopper"), (("nvfp4", True, 16), "hopper"), (("float16", True, 256), "hopper"),
-             (("nvfp4", False, 16), "portable"), (("float16", False, 128), "hopper"),
-             (("bfloat16", False, 4096), "hopper"), (("float16", False, 32), "portable"), (("float16", False, 33), "hopper")]
+    calls = [((False, 128), "hopper"), ((True, 16), "hopper"), ((True, 256), "hopper"), ((False, 16), "portable"),
+             ((False, 4096), "hopper"), ((False, 32), "portable"), ((False, 33), "hopper")]
     for cc, env in [((9, 0), "1"), ((9, 0), None), ((9, 0), "0"), ((8, 9), "1"), ((8, 0), None), ((10, 0), "1")]:
         monkeypatch.setattr(_jit, "device_cc", lambda device_id, cc=cc: cc)
         if env is None:
