@@ -15,11 +15,18 @@
 // r = i * group + h; a CTA takes kBlockM = 16 * kWarps consecutive rows (one 16-row mma tile per
 // warp) against one kv head. Decode (q_len = 1) is the same kernel with `group` rows per sequence and
 // the keys split over gridDim.z CTAs (flash-decoding), merged by combine_splits_kernel.
+//
+// kSplitKeys (sequences of at most 16 rows, i.e. decode): every warp takes the same 16 rows and its own
+// kBlockN / kWarps keys of each tile, with its own softmax state; the warps' states merge through shared
+// memory at the end. With one row tile per warp instead, a decode CTA would do all its tensor work on
+// one warp while the others only copy.
+#include "common/mbarrier.cuh"
 #include "common/mma.cuh"
 #include "common/mask.cuh"
 #include "common/paged.cuh"
 #include "common/softmax.cuh"
 #include "common/types.cuh"
+#include "common/wgmma.cuh"
 
 namespace cuflash {
 namespace attn {
@@ -35,14 +42,28 @@ constexpr int kWorkFields = 3;   // work item: (sequence, row tile, first partia
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Rows of one CTA: one 16-row mma tile per warp, or one shared by all warps when they split the keys.
+template <int kWarps, bool kSplitKeys>
+__host__ __device__ constexpr int block_rows() {
+  return kSplitKeys ? kMmaM : kMmaM * kWarps;
+}
+
+// Bytes of the split-keys merge: each warp's fp32 output tile [16][kHeadDim], then its row max and row
+// sum [16] each. It reuses the Q / K / V buffers once the key loop is done.
+template <int kHeadDim, int kWarps>
+__host__ __device__ constexpr int merge_smem_bytes() {
+  return kWarps * kMmaM * (kHeadDim + 2) * 4;
+}
+
 // Shared-memory bytes of one variant (the Python side computes the same number).
-template <int kHeadDim, int kBlockN, int kWarps, int kStages>
+template <int kHeadDim, int kBlockN, int kWarps, int kStages, bool kSplitKeys>
 __host__ __device__ constexpr int smem_bytes() {
-  return (kMmaM * kWarps + 2 * kStages * kBlockN) * (kHeadDim + kSmemPad) * 2;
+  constexpr int tiles = (block_rows<kWarps, kSplitKeys>() + 2 * kStages * kBlockN) * (kHeadDim + kSmemPad) * 2;
+  return kSplitKeys && merge_smem_bytes<kHeadDim, kWarps>() > tiles ? merge_smem_bytes<kHeadDim, kWarps>() : tiles;
 }
 
 // Grid: x = work item, y = kv head, z = KV split. Block: kWarps warps.
-template <typename T, int kHeadDim, int kBlockN, int kWarps, int kStages>
+template <typename T, int kHeadDim, int kBlockN, int kWarps, int kStages, bool kSplitKeys>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
     paged_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages,
                            const int* __restrict__ block_table, int table_stride, const int* __restrict__ kv_lens,
@@ -50,14 +71,15 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
                            int page_size, float scale_log2, int causal, T* __restrict__ out, float* __restrict__ lse,
                            float* __restrict__ o_part, float* __restrict__ lse_part, int n_part_rows) {
   constexpr int kThreads = kWarps * kWarpSize;
-  constexpr int kBlockM = kMmaM * kWarps;
+  constexpr int kBlockM = block_rows<kWarps, kSplitKeys>();
+  constexpr int kWarpKeys = kSplitKeys ? kBlockN / kWarps : kBlockN;  // keys of a tile one warp takes
   constexpr int kRowElems = kHeadDim + kSmemPad;        // smem row stride, elements
   constexpr int kChunksPerRow = kHeadDim / kElemsPerCopy;
   constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // rows one pass of 16-byte copies covers
-  constexpr int kNTiles = kBlockN / kMmaN;                // S = Q K^T column tiles
+  constexpr int kNTiles = kWarpKeys / kMmaN;              // S = Q K^T column tiles of one warp
   constexpr int kDTiles = kHeadDim / kMmaN;               // O column tiles
   constexpr int kKSteps = kHeadDim / kMmaK;
-  static_assert(kHeadDim % kMmaK == 0 && kBlockN % kMmaK == 0, "tiles must hold whole mma steps");
+  static_assert(kHeadDim % kMmaK == 0 && kWarpKeys % kMmaK == 0, "tiles must hold whole mma steps");
   static_assert(kThreads % kChunksPerRow == 0, "a pass must cover whole rows");
   static_assert(kBlockN % kRowsPerPass == 0 && kBlockM % kRowsPerPass == 0, "tiles must be whole passes");
   static_assert(kStages >= 2, "the pipeline needs one tile in flight while another is computed");
@@ -85,8 +107,10 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   const int tile_begin = split * tiles_per_split;
   const int n_tiles = max(0, min(n_tiles_all, tile_begin + tiles_per_split) - tile_begin);
 
-  // The two rows this thread owns in the S / O fragments (g and g + 8 of its warp's 16).
-  const int warp_row0 = m0 + warp * kMmaM;
+  // The two rows this thread owns in the S / O fragments (g and g + 8 of its warp's 16), and the first
+  // key of a tile this warp takes.
+  const int warp_row0 = m0 + (kSplitKeys ? 0 : warp * kMmaM);
+  const int warp_key0 = kSplitKeys ? warp * kWarpKeys : 0;
   const bool warp_active = warp_row0 < rows;
   int last[2];
 #pragma unroll
@@ -114,17 +138,19 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
   cp_async_commit();
 
-  const PagedKV paged{block_table + static_cast<long long>(seq) * table_stride, page_size,
-                      static_cast<long long>(num_kv_heads) * kHeadDim, static_cast<long long>(kv_head) * kHeadDim};
+  const PagedKV paged(block_table + static_cast<long long>(seq) * table_stride, page_size, num_kv_heads, kHeadDim,
+                      kv_head);
   // K and V of key tile `tile` into pipeline stage `stage`; keys >= n_keys are zero-filled (their
   // slots may hold anything, NaN included, and their table entries may be unset).
   auto load_kv = [&](int tile, int stage) {
+    PageWalk<kRowsPerPass> walk(tile * kBlockN + copy_row, page_size);
 #pragma unroll
     for (int p = 0; p < kBlockN / kRowsPerPass; ++p) {
       const int row = p * kRowsPerPass + copy_row;
       const int key = tile * kBlockN + row;
       const bool valid = key < n_keys;
-      const long long off = valid ? paged.offset(key) + copy_col : 0;
+      const long long off = valid ? paged.offset(walk.entry, walk.in_page) + copy_col : 0;
+      walk.advance(page_size);
       const int dst = (stage * kBlockN + row) * kRowElems + copy_col;
       cp_async_16_zfill(sK + dst, k_pages + off, valid);
       cp_async_16_zfill(sV + dst, v_pages + off, valid);
@@ -151,8 +177,8 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     if (j + kStages - 1 < n_tiles) load_kv(tile_begin + j + kStages - 1, (j + kStages - 1) % kStages);
     cp_async_commit();
 
-    const int n0 = (tile_begin + j) * kBlockN;
-    // A warp whose rows all end before this tile has nothing to add (every score would be -inf).
+    const int n0 = (tile_begin + j) * kBlockN + warp_key0;  // this warp's first key of the tile
+    // A warp whose rows all end before its keys has nothing to add (every score would be -inf).
     if (!warp_active || n0 > warp_max_last) continue;
     const T* sKs = sK + (j % kStages) * kBlockN * kRowElems;
     const T* sVs = sV + (j % kStages) * kBlockN * kRowElems;
@@ -163,8 +189,8 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     float s[kNTiles][4];
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-    const T* q_frag = sQ + (warp * kMmaM + lane % 16) * kRowElems + (lane / 16) * 8;
-    const T* k_frag = sKs + (lane % 8 + (lane / 16) * 8) * kRowElems + ((lane / 8) % 2) * 8;
+    const T* q_frag = sQ + (warp_row0 - m0 + lane % 16) * kRowElems + (lane / 16) * 8;
+    const T* k_frag = sKs + (warp_key0 + lane % 8 + (lane / 16) * 8) * kRowElems + ((lane / 8) % 2) * 8;
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       unsigned a[4];
@@ -183,15 +209,15 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
     }
     // Only tiles reaching past the warp's first row's last key need the mask.
-    if (n0 + kBlockN - 1 > warp_min_last) apply_mask(s, n0, lane % 4, last);
+    if (n0 + kWarpKeys - 1 > warp_min_last) apply_mask(s, n0, lane % 4, last);
     softmax.update(s, o);
 
     // O += P V: P's C fragments of column tiles 2kk, 2kk+1 are exactly the A fragment of k-step kk;
     // the transposed x4 load of V gives b0/b1 of two 8-wide d tiles: keys +(lane % 8) +8 for lanes
     // 8..15 and 24..31, d +8 for lanes 16..31.
-    const T* v_frag = sVs + (lane % 8 + ((lane / 8) % 2) * 8) * kRowElems + (lane / 16) * 8;
+    const T* v_frag = sVs + (warp_key0 + lane % 8 + ((lane / 8) % 2) * 8) * kRowElems + (lane / 16) * 8;
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / kMmaK; ++kk) {
+    for (int kk = 0; kk < kWarpKeys / kMmaK; ++kk) {
       unsigned a[4];
       a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
       a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
@@ -207,6 +233,64 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     }
   }
   cp_async_wait<0>();  // only empty groups can remain; drained so no copy outlives the CTA
+  if constexpr (kSplitKeys) {
+    // Merge the warps' states: M = max_w m_w, L = sum_w 2^(m_w - M) l_w, O = sum_w 2^(m_w - M) o_w / L.
+    __syncthreads();  // every warp is done with sQ / sK / sV, which the merge buffers reuse
+    float* m_o = reinterpret_cast<float*>(smem_raw);          // [kWarps][kMmaM][kHeadDim], unnormalized
+    float* m_max = m_o + kWarps * kMmaM * kHeadDim;           // [kWarps][kMmaM], log2 domain
+    float* m_sum = m_max + kWarps * kMmaM;                    // [kWarps][kMmaM]
+    const int t2 = 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = lane / 4 + 8 * i;
+      float* dst = m_o + (warp * kMmaM + row) * kHeadDim + t2;
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d) *reinterpret_cast<float2*>(dst + d * kMmaN) = make_float2(o[d][2 * i], o[d][2 * i + 1]);
+      const float l_row = quad_sum(softmax.l[i]);
+      if (lane % 4 == 0) {
+        m_max[warp * kMmaM + row] = softmax.m[i];
+        m_sum[warp * kMmaM + row] = l_row;
+      }
+    }
+    __syncthreads();
+    // Thread -> (row, column pair): kMmaM * kHeadDim / 2 pairs over kThreads threads.
+    for (int e = tid; e < kMmaM * kHeadDim / 2; e += kThreads) {
+      const int row = e / (kHeadDim / 2), col = 2 * (e % (kHeadDim / 2));
+      const int r = m0 + row;
+      if (r >= rows) continue;
+      float mx = -CUDART_INF_F;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_max[w * kMmaM + row]);
+      float l_all = 0.0f, o0 = 0.0f, o1 = 0.0f;
+      if (mx != -CUDART_INF_F) {
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float sw = m_sum[w * kMmaM + row];
+          if (sw == 0.0f) continue;  // a warp that saw no key (its max may be -inf)
+          const float f = fast_exp2(m_max[w * kMmaM + row] - mx);
+          const float2 ow = *reinterpret_cast<const float2*>(m_o + (w * kMmaM + row) * kHeadDim + col);
+          l_all += f * sw;
+          o0 += f * ow.x;
+          o1 += f * ow.y;
+        }
+      }
+      const bool seen = l_all > 0.0f;
+      const float inv = seen ? 1.0f / l_all : 0.0f;
+      const float row_lse = seen ? (mx + __log2f(l_all)) * kLn2 : -CUDART_INF_F;
+      const int qi = r / group;
+      const int head = kv_head * group + (r - qi * group);
+      if (num_splits == 1) {
+        const long long row_index = static_cast<long long>(q_start + qi) * num_heads + head;
+        *reinterpret_cast<unsigned*>(out + row_index * kHeadDim + col) = pack2<T>(o0 * inv, o1 * inv);
+        if (col == 0) lse[row_index] = row_lse;
+      } else {
+        const long long part_index = (static_cast<long long>(split) * n_part_rows + part_base + qi) * num_heads + head;
+        *reinterpret_cast<float2*>(o_part + part_index * kHeadDim + col) = make_float2(o0 * inv, o1 * inv);
+        if (col == 0) lse_part[part_index] = row_lse;
+      }
+    }
+    return;
+  }
   if (!warp_active) return;
 
   float row_lse[2];
@@ -236,29 +320,347 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
 }
 
+// ----------------------------------------------------------------------------------------------
+// Hopper (sm_90a) prefill: warp-specialized wgmma kernel, same arguments, work items, masks and
+// outputs as paged_attention_kernel (kBlockM = 128 rows per CTA).
+//
+// Warpgroup 0 (producer) copies K and V tiles of kBlockN keys with cp.async (any page size, pages in
+// any order) into a ring of kStages slots, publishing each with cp.async.mbarrier.arrive.noinc on the
+// slot's `full` barrier; consumers release a slot on its `empty` barrier (one arrival per thread).
+// Warpgroups 1 and 2 (consumers) each own 64 rows; their Q fragments stay in registers for the whole
+// CTA (loaded once from global memory). Per key tile: S = Q K^T (wgmma m64 n kBlockN, A = Q from
+// registers, B = K K-major), scale, causal mask, online softmax (common/softmax.cuh: the wgmma
+// accumulator layout is the mma.m16n8 C layout per 8 columns), P packed to 16 bits in registers, then
+// O += P V (wgmma m64 n kHeadDim, A = P, B = V MN-major: V's rows are keys, 64 d values per 128 bytes).
+//
+// K and V tiles share one shared-memory layout: a key row's 64-value (128-byte) column block h at
+// h * kBlockN * 128 + key * 128, its 16-byte chunk c at chunk position c ^ (key % 8) (the 128-byte
+// swizzle; slots 1024-byte aligned). For K (K-major B) the 8-key atoms are SBO = 1024 apart and a d
+// step of 16 moves 32 bytes inside the block (the next block at s / 4); for V (MN-major B) a key step
+// of 16 is two atoms (2048 bytes), SBO = 1024 between 8-key atoms, LBO = kBlockN * 128 between
+// 64-wide d blocks.
+constexpr int kWsConsumers = 2;
+constexpr int kWsThreads = (1 + kWsConsumers) * kWarpgroupThreads;  // 384
+constexpr int kWsBlockM = kWsConsumers * kWgmmaM;                  // 128 rows per CTA
+// setmaxnreg split: the CTA starts with 168 registers per thread (65536 / 384 rounded down to 8), and
+// the split must fit in those 168 x 384 = 64512 (a split of 65536 deadlocks: gemm.cu, session 7).
+// The producer keeps a whole tile's row addresses in flight (fully unrolled copy loop: H100, B=1
+// S=4096 prefill 465 -> 424 us against unroll 4; copies alone 331 -> 294 us).
+constexpr int kWsProducerRegs = 56;
+constexpr int kWsConsumerRegs = 224;
+constexpr int kWsLaunchRegs = (65536 / kWsThreads) / 8 * 8;
+static_assert(kWarpgroupThreads * (kWsProducerRegs + kWsConsumers * kWsConsumerRegs) <= kWsThreads * kWsLaunchRegs,
+              "the register split must fit in the registers the CTA is launched with");
+
+template <int kHeadDim, int kBlockN, int kStages>
+struct WsLayout {
+  static constexpr int kColBlocks = kHeadDim / 64;        // 128-byte column blocks of a key row
+  static constexpr int kBlockBytes = kBlockN * 128;       // one column block of a tile
+  static constexpr int kTileBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kSlotBytes = 2 * kTileBytes;       // K tile, then V tile
+  static constexpr int kRingBytes = kStages * kSlotBytes;
+  // Dynamic shared memory: alignment slack, the ring, full and empty barriers (attention.py computes the same).
+  static constexpr int kSmemBytes = kSwizzleAtomBytes + kRingBytes + 2 * kStages * 8;
+  static_assert(kHeadDim % 64 == 0, "whole 128-byte column blocks");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N: a multiple of 16 up to 256");
+  // Byte offset of 16-byte chunk c (values 8c .. 8c+7) of key row r inside a tile.
+  __device__ __forceinline__ static int chunk_offset(int r, int c) {
+    return (c / 8) * kBlockBytes + r * 128 + (((c % 8) ^ (r % 8)) << 4);
+  }
+};
+
+template <typename T, int kHeadDim, int kBlockN, int kStages>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    paged_attention_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages,
+                                 const int* __restrict__ block_table, int table_stride, const int* __restrict__ kv_lens,
+                                 const int* __restrict__ q_indptr, const int* __restrict__ work, int num_heads,
+                                 int group, int page_size, float scale_log2, int causal, T* __restrict__ out,
+                                 float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
+                                 int n_part_rows) {
+  using L = WsLayout<kHeadDim, kBlockN, kStages>;
+  constexpr int kBlockM = kWsBlockM;
+  constexpr int kChunksPerRow = kHeadDim / kElemsPerCopy;
+  constexpr int kNTiles = kBlockN / kMmaN;  // S column tiles of 8 keys
+  constexpr int kDTiles = kHeadDim / kMmaN;
+  constexpr int kDSteps = kHeadDim / kMmaK;  // wgmma k steps of S = Q K^T
+  constexpr int kKeySteps = kBlockN / kMmaK; // wgmma k steps of O += P V
+  static_assert((kBlockN * kChunksPerRow) % kWarpgroupThreads == 0, "the producer copies whole passes");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const unsigned raw_addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* ring = smem_raw + ((kSwizzleAtomBytes - raw_addr % kSwizzleAtomBytes) % kSwizzleAtomBytes);
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(ring + L::kRingBytes);
+  unsigned long long* empty = full + kStages;
+
+  const int tid = threadIdx.x;
+  const int seq = work[blockIdx.x * kWorkFields], m_tile = work[blockIdx.x * kWorkFields + 1];
+  const int part_base = work[blockIdx.x * kWorkFields + 2];
+  const int kv_head = blockIdx.y, num_kv_heads = gridDim.y;
+  const int split = blockIdx.z, num_splits = gridDim.z;
+  const int q_start = q_indptr[seq], q_len = q_indptr[seq + 1] - q_start;
+  const int kv_len = kv_lens[seq];
+  const int rows = q_len * group;
+  const int m0 = m_tile * kBlockM;
+  if (m0 >= rows) return;  // the plan never makes such an item; uniform over the CTA
+
+  const int n_keys = last_visible_key((min(m0 + kBlockM, rows) - 1) / group, q_len, kv_len, causal) + 1;
+  const int n_tiles_all = n_keys > 0 ? ceil_div(n_keys, kBlockN) : 0;
+  const int tiles_per_split = ceil_div(n_tiles_all, num_splits);
+  const int tile_begin = split * tiles_per_split;
+  const int n_tiles = max(0, min(n_tiles_all, tile_begin + tiles_per_split) - tile_begin);
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], kWarpgroupThreads);
+      mbar_init(&empty[s], kWsConsumers * kWarpgroupThreads);
+    }
+  }
+  __syncthreads();
+
+  if (tid < kWarpgroupThreads) {
+    // Producer: tile j of this split into slot j % kStages once its previous use is released. Thread
+    // tid copies chunk tid % kChunksPerRow of rows tid / kChunksPerRow + p * kRowsPerPass.
+    warpgroup_release_registers<kWsProducerRegs>();
+    constexpr int kRowsPerPass = kWarpgroupThreads / kChunksPerRow;
+    const PagedKV paged(block_table + static_cast<long long>(seq) * table_stride, page_size, num_kv_heads, kHeadDim,
+                        kv_head);
+    const int c = tid % kChunksPerRow, row0 = tid / kChunksPerRow;
+    for (int j = 0; j < n_tiles; ++j) {
+      const int slot = j % kStages;
+      if (j >= kStages) mbar_wait(&empty[slot], ((j / kStages) - 1) & 1);
+      unsigned char* k_tile = ring + slot * L::kSlotBytes;
+      unsigned char* v_tile = k_tile + L::kTileBytes;
+      // This thread's keys: key0 + p * kRowsPerPass (one division per tile, not per row).
+      const int key0 = (tile_begin + j) * kBlockN + row0;
+      PageWalk<kRowsPerPass> walk(key0, page_size);
+#pragma unroll
+      for (int p = 0; p < kBlockN / kRowsPerPass; ++p) {
+        const int r = row0 + p * kRowsPerPass;
+        const bool valid = key0 + p * kRowsPerPass < n_keys;  // keys past the last visible one: zero-filled
+        const long long off = valid ? paged.offset(walk.entry, walk.in_page) + c * kElemsPerCopy : 0;
+        walk.advance(page_size);
+        const int dst = L::chunk_offset(r, c);
+        cp_async_16_zfill(k_tile + dst, k_pages + off, valid);
+        cp_async_16_zfill(v_tile + dst, v_pages + off, valid);
+      }
+      cp_async_mbar_arrive(&full[slot]);  // fires once this thread's copies so far have landed
+    }
+    cp_async_commit();  // leave no copy of this thread in flight at exit
+    cp_async_wait<0>();
+    return;
+  }
+
+  warpgroup_claim_registers<kWsConsumerRegs>();
+  const int ct = tid - kWarpgroupThreads;            // consumer thread 0 .. 255
+  const int warp = ct / kWarpSize, lane = ct % kWarpSize, g = lane / 4, t = lane % 4;
+  const int warp_row0 = m0 + warp * kMmaM;           // warps 0-3: rows 0-63 (warpgroup 1), 4-7: 64-127
+  int last[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp_row0 + g + 8 * i;
+    last[i] = r < rows ? last_visible_key(r / group, q_len, kv_len, causal) : -1;
+  }
+  const int warp_min_last = warp_row0 < rows ? last_visible_key(warp_row0 / group, q_len, kv_len, causal) : -1;
+
+  // Q fragments (A of S = Q K^T), k step s: registers (row g, d 16s + 2t), (row g + 8, same),
+  // (row g, d 16s + 8 + 2t), (row g + 8, same); rows past the sequence are zero.
+  unsigned qf[kDSteps][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp_row0 + g + 8 * i;
+    const bool valid = r < rows;
+    const int qi = valid ? r / group : 0;
+    const int head = kv_head * group + (valid ? r - qi * group : 0);
+    const unsigned* src = reinterpret_cast<const unsigned*>(q + (static_cast<long long>(q_start + qi) * num_heads + head) * kHeadDim) + t;
+#pragma unroll
+    for (int s = 0; s < kDSteps; ++s) {
+      qf[s][i] = valid ? __ldg(src + 8 * s) : 0u;
+      qf[s][2 + i] = valid ? __ldg(src + 8 * s + 4) : 0u;
+    }
+  }
+
+  float o[kHeadDim / 2];
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.0f;
+  auto& o4 = *reinterpret_cast<float(*)[kDTiles][4]>(o);
+  OnlineSoftmax softmax;
+  softmax.init();
+
+  // Software pipeline over key tiles (FlashAttention-3's intra-warpgroup overlap): iteration j issues
+  // S = Q K^T of tile j + 1 and O += P V of tile j back to back, then runs the softmax of tile j + 1
+  // while P V of tile j is still in flight; only the output rescale waits for it. Tile j's slot is
+  // released once its P V has completed (its K was done an iteration earlier).
+  float sacc[kBlockN / 2];
+  auto& s4 = *reinterpret_cast<float(*)[kNTiles][4]>(sacc);
+  unsigned pf[kKeySteps][4];
+  // S of tile jj into sacc (issued, not waited for).
+  auto issue_scores = [&](int jj) {
+    const int slot = jj % kStages;
+    mbar_wait(&full[slot], (jj / kStages) & 1);
+    fence_proxy_async_shared();  // the cp.async data of the slot, visible to this thread's wgmmas
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) sacc[i] = 0.0f;
+    const unsigned long long k_desc = wgmma_desc_sw128(ring + slot * L::kSlotBytes, kSwizzleAtomBytes);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kDSteps; ++s)
+      wgmma_m64k16_rs<kBlockN, T>(sacc, qf[s], wgmma_desc_advance(k_desc, (s / 4) * L::kBlockBytes + (s % 4) * 32));
+    wgmma_commit();
+  };
+  // Scale, mask and exponentiate the landed S of tile jj; returns the output rescale factors.
+  auto softmax_scores = [&](int jj, float (&alpha)[2]) {
+    wgmma_fence_operand(sacc);
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s4[n][e] *= scale_log2;
+    }
+    const int n0 = (tile_begin + jj) * kBlockN;
+    if (n0 + kBlockN - 1 > warp_min_last) apply_mask(s4, n0, t, last);
+    softmax.update_scores(s4, alpha);
+  };
+  // P as the A fragments of the key steps: columns 16kk .. 16kk+15 are S tiles 2kk and 2kk+1.
+  auto pack_probabilities = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kKeySteps; ++kk) {
+      pf[kk][0] = pack2<T>(s4[2 * kk][0], s4[2 * kk][1]);
+      pf[kk][1] = pack2<T>(s4[2 * kk][2], s4[2 * kk][3]);
+      pf[kk][2] = pack2<T>(s4[2 * kk + 1][0], s4[2 * kk + 1][1]);
+      pf[kk][3] = pack2<T>(s4[2 * kk + 1][2], s4[2 * kk + 1][3]);
+    }
+  };
+
+  // O += P V of tile jj (issued, not waited for); the caller has fenced since writing pf.
+  auto issue_values = [&](int jj) {
+    const unsigned long long v_desc =
+        wgmma_desc_sw128_mn(ring + (jj % kStages) * L::kSlotBytes + L::kTileBytes, L::kBlockBytes, kSwizzleAtomBytes);
+#pragma unroll
+    for (int kk = 0; kk < kKeySteps; ++kk)
+      wgmma_m64k16_rs_mn<kHeadDim, T>(o, pf[kk], wgmma_desc_advance(v_desc, kk * 2 * kSwizzleAtomBytes));
+    wgmma_commit();
+  };
+  // After P V of tile jj has completed: o and pf may be touched again, the slot goes back.
+  auto retire_values = [&](int jj) {
+    wgmma_fence_operand(o);
+#pragma unroll
+    for (int kk = 0; kk < kKeySteps; ++kk) wgmma_fence_operand(pf[kk]);
+    mbar_arrive(&empty[jj % kStages]);
+  };
+
+  if (n_tiles > 0) {
+    float alpha[2];
+    issue_scores(0);
+    wgmma_wait<0>();
+    softmax_scores(0, alpha);  // o is still zero: no rescale needed
+    pack_probabilities();
+  }
+  // The loop body has no branch around its wgmmas: ptxas serializes every wgmma of the kernel when
+  // the commit groups in flight at a wait depend on the path taken (C7514). The last tile is peeled.
+  for (int j = 0; j + 1 < n_tiles; ++j) {
+    float alpha[2];
+    issue_scores(j + 1);  // its wgmma_fence also orders pf's writes before P V below
+    issue_values(j);
+    wgmma_wait<1>();  // S of tile j + 1 has landed; P V of tile j may still run
+    softmax_scores(j + 1, alpha);
+    wgmma_wait<0>();
+    retire_values(j);
+    OnlineSoftmax::rescale(o4, alpha);
+    pack_probabilities();
+  }
+  if (n_tiles > 0) {
+    wgmma_fence();
+    issue_values(n_tiles - 1);
+    wgmma_wait<0>();
+    retire_values(n_tiles - 1);
+  }
+
+  float row_lse[2];
+  softmax.finalize(o4, row_lse);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp_row0 + g + 8 * i;
+    if (r >= rows) continue;
+    const int qi = r / group;
+    const int head = kv_head * group + (r - qi * group);
+    if (num_splits == 1) {
+      const long long row_index = static_cast<long long>(q_start + qi) * num_heads + head;
+      T* dst = out + row_index * kHeadDim + 2 * t;
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d)
+        *reinterpret_cast<unsigned*>(dst + d * kMmaN) = pack2<T>(o4[d][2 * i], o4[d][2 * i + 1]);
+      if (t == 0) lse[row_index] = row_lse[i];
+    } else {
+      const long long part_index = (static_cast<long long>(split) * n_part_rows + part_base + qi) * num_heads + head;
+      float* dst = o_part + part_index * kHeadDim + 2 * t;
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d)
+        *reinterpret_cast<float2*>(dst + d * kMmaN) = make_float2(o4[d][2 * i], o4[d][2 * i + 1]);
+      if (t == 0) lse_part[part_index] = row_lse[i];
+    }
+  }
+}
+
 // Merges the splits of each (partial row, head): out = sum_s w_s o_s / sum_s w_s with
 // w_s = exp(lse_s - max lse), lse = max lse + ln(sum w_s). A split that saw no key (lse -inf) has
-// weight 0 and its o is not read; a row no split saw gets 0 and -inf.
-// Grid: x = partial row, y = head. Block: head_dim threads, one output element each.
+// weight 0 (its o, written as 0, is not used); a row no split saw gets 0 and -inf.
+// Grid: x = partial row, y = head. Block: head_dim threads, one output element each. Dynamic shared
+// memory: combine_smem_bytes(num_splits, head_dim). The weights are computed once per block into
+// shared memory, so the loop over splits is independent loads (a loop of dependent lse loads per
+// thread made B=1 S=32768 decode wait on ~32 round trips).
+__host__ __device__ constexpr int combine_smem_bytes(int num_splits, int head_dim) {
+  return (num_splits + head_dim / kWarpSize) * 4;
+}
+
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kHeadDim)
     combine_splits_kernel(const float* __restrict__ o_part, const float* __restrict__ lse_part,
                           const int* __restrict__ part_qrow, int n_part_rows, int num_heads, int num_splits,
                           T* __restrict__ out, float* __restrict__ lse) {
-  const int prow = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
+  constexpr int kWarps = kHeadDim / kWarpSize;
+  static_assert(kHeadDim % kWarpSize == 0, "whole warps");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* weight = reinterpret_cast<float*>(smem_raw);  // [num_splits]: split LSE, then its weight
+  float* partial = weight + num_splits;                  // [kWarps]: block reductions
+  const int prow = blockIdx.x, head = blockIdx.y, d = threadIdx.x, lane = d % kWarpSize, warp = d / kWarpSize;
   const long long stride = static_cast<long long>(n_part_rows) * num_heads;  // between splits, in rows
   const long long first = static_cast<long long>(prow) * num_heads + head;
+  // Block max of the split LSEs.
   float mx = -CUDART_INF_F;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, lse_part[first + s * stride]);
-  float acc = 0.0f, wsum = 0.0f;
-  if (mx != -CUDART_INF_F) {
-    for (int s = 0; s < num_splits; ++s) {
-      const float l = lse_part[first + s * stride];
-      if (l == -CUDART_INF_F) continue;
-      const float w = __expf(l - mx);
-      wsum += w;
-      acc += w * o_part[(first + s * stride) * kHeadDim + d];
-    }
+  for (int s = d; s < num_splits; s += kHeadDim) {
+    const float l = lse_part[first + s * stride];
+    weight[s] = l;
+    mx = fmaxf(mx, l);
+  }
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
+  if (lane == 0) partial[warp] = mx;
+  __syncthreads();
+  mx = partial[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, partial[w]);
+  __syncthreads();  // partial is reused below
+  // Weights and their block sum.
+  float wsum = 0.0f;
+  for (int s = d; s < num_splits; s += kHeadDim) {
+    const float l = weight[s];
+    const float w = (mx == -CUDART_INF_F || l == -CUDART_INF_F) ? 0.0f : __expf(l - mx);
+    weight[s] = w;
+    wsum += w;
+  }
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) wsum += __shfl_xor_sync(kFullMask, wsum, o);
+  if (lane == 0) partial[warp] = wsum;
+  __syncthreads();
+  wsum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) wsum += partial[w];
+  float acc = 0.0f;
+  const float* src = o_part + first * kHeadDim + d;
+#pragma unroll 8
+  for (int s = 0; s < num_splits; ++s) {
+    const float v = src[s * stride * kHeadDim];
+    const float w = weight[s];
+    acc += w > 0.0f ? w * v : 0.0f;
   }
   const long long row_index = static_cast<long long>(part_qrow[prow]) * num_heads + head;
   out[row_index * kHeadDim + d] = from_float<T>(wsum > 0.0f ? acc / wsum : 0.0f);

@@ -39,6 +39,7 @@ captured once and replayed after each ``step()``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -58,7 +59,7 @@ COPY_BYTES = 16  # one vector copy
 WORK_FIELDS = 3  # work item: (sequence, row tile, first partial row)
 H100_SMEM_PER_BLOCK = 227 * 1024  # opt-in dynamic shared memory limit per block on sm_90
 SM86_SMEM_PER_BLOCK = 99 * 1024  # the same on sm_86 / sm_89 (CI compiles the variants that fit there too)
-MAX_SPLITS = 128  # split-KV count cap; the combine kernel loops over splits, so any count works
+MAX_SPLITS = 128  # split-KV count cap; the combine kernel takes any count (one float of smem per split)
 SPLIT_OVERHEAD_TILES = 2  # cost of one split in key tiles: prologue latency, partial write, combine read
 APPEND_THREADS = 128
 CHECK_THREADS = 256
@@ -75,7 +76,9 @@ class AttentionConfig(_jit.KernelConfig):
     """One variant of the attention kernel family (cuda_src/attention.cu).
 
     dtype: "float16" or "bfloat16"; head_dim: 64, 128 or 256; block_n: keys per tile; warps: warps per
-    CTA (the CTA takes 16 * warps packed (query, head) rows); stages: K/V tiles in the cp.async pipeline.
+    CTA (the CTA takes 16 * warps packed (query, head) rows); stages: K/V tiles in the cp.async pipeline;
+    split_keys: the warps share 16 rows and split each key tile instead (decode), merging at the end;
+    wgmma: the Hopper (sm_90a) warp-specialized kernel instead (128 rows, 3 warpgroups; ``warps`` unused).
     The module also holds the split combine for (dtype, head_dim), the append kernel and the table check.
     """
 
@@ -84,25 +87,43 @@ class AttentionConfig(_jit.KernelConfig):
     block_n: int = 64
     warps: int = 4
     stages: int = 2
+    split_keys: bool = False
+    wgmma: bool = False
     source = "attention.cu"
-    family = _jit.ARCH_PORTABLE
+
+    @property
+    def family(self) -> str:
+        return _jit.ARCH_HOPPER if self.wgmma else _jit.ARCH_PORTABLE
 
     @property
     def block_m(self) -> int:
-        return MMA_M * self.warps
+        if self.wgmma:
+            return WGMMA_BLOCK_M
+        return MMA_M if self.split_keys else MMA_M * self.warps
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps
+        return WGMMA_THREADS if self.wgmma else 32 * self.warps
 
     @property
     def smem_bytes(self) -> int:
-        """Dynamic shared memory: Q tile plus kStages K and V tiles, rows padded (attention.cu smem_bytes)."""
-        return (self.block_m + 2 * self.stages * self.block_n) * (self.head_dim + SMEM_PAD) * _ELEM_BYTES
+        """Dynamic shared memory (attention.cu smem_bytes / WsLayout::kSmemBytes). mma.sync kernel: Q tile
+        plus kStages K and V tiles, rows padded, or the split-keys merge buffers (fp32 [warps, 16,
+        head_dim + 2]) where larger. wgmma kernel: 1024 bytes of alignment slack, kStages swizzled K and
+        V tiles, a full and an empty mbarrier per stage."""
+        if self.wgmma:
+            return 1024 + self.stages * 2 * self.block_n * self.head_dim * _ELEM_BYTES + 2 * self.stages * 8
+        tiles = (self.block_m + 2 * self.stages * self.block_n) * (self.head_dim + SMEM_PAD) * _ELEM_BYTES
+        merge = self.warps * MMA_M * (self.head_dim + 2) * 4 if self.split_keys else 0
+        return max(tiles, merge)
 
     def attention_kernel(self) -> str:
         t = _CUDA_TYPE[self.dtype]
-        return f"cuflash::attn::paged_attention_kernel<{t}, {self.head_dim}, {self.block_n}, {self.warps}, {self.stages}>"
+        if self.wgmma:
+            return f"cuflash::attn::paged_attention_wgmma_kernel<{t}, {self.head_dim}, {self.block_n}, {self.stages}>"
+        split = "true" if self.split_keys else "false"
+        return (f"cuflash::attn::paged_attention_kernel<{t}, {self.head_dim}, {self.block_n}, {self.warps}, "
+                f"{self.stages}, {split}>")
 
     def combine_kernel(self) -> str:
         return f"cuflash::attn::combine_splits_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}>"
@@ -114,25 +135,59 @@ class AttentionConfig(_jit.KernelConfig):
         return (self.attention_kernel(), self.combine_kernel(), self.APPEND_KERNEL, self.CHECK_KERNEL)
 
     def kernel_name(self) -> str:
-        return f"paged_attention_{self.dtype}_d{self.head_dim}_n{self.block_n}_w{self.warps}_s{self.stages}"
+        if self.wgmma:
+            return f"paged_attention_wgmma_{self.dtype}_d{self.head_dim}_n{self.block_n}_s{self.stages}"
+        keys = "_splitkeys" if self.split_keys else ""
+        return f"paged_attention_{self.dtype}_d{self.head_dim}_n{self.block_n}_w{self.warps}_s{self.stages}{keys}"
 
 
-ROLES = ("prefill", "decode")
+WGMMA_BLOCK_M = 128  # attention.cu kWsBlockM: two consumer warpgroups of 64 rows
+WGMMA_THREADS = 384  # attention.cu kWsThreads: a producer and two consumer warpgroups
+WGMMA_HEAD_DIMS = (64, 128)  # d256's two 64 x 256 fp32 accumulators would not fit the consumers' registers
+WGMMA_ENV = "CUFLASH_ATTN_WGMMA"
 
 
-def tile_config(dtype: str, head_dim: int, role: str, max_smem: int = H100_SMEM_PER_BLOCK) -> AttentionConfig:
+def use_wgmma(device_id: int) -> bool:
+    """Whether prefill takes the wgmma kernel on this device: compute capability 9.0 (sm_90a), unless
+    ``CUFLASH_ATTN_WGMMA=0``."""
+    return os.environ.get(WGMMA_ENV) != "0" and _jit.device_cc(device_id) == (9, 0)
+
+
+ROLES = ("prefill", "narrow", "decode")
+
+
+def combine_smem_bytes(num_splits: int, head_dim: int) -> int:
+    """Dynamic shared memory of the split combine: one weight per split, one partial per warp."""
+    return 4 * (num_splits + head_dim // 32)
+
+
+def tile_config(dtype: str, head_dim: int, role: str, max_smem: int = H100_SMEM_PER_BLOCK,
+                hopper: bool = False) -> AttentionConfig:
     """The kernel variant for sequences of one role, a pure function of its arguments.
 
-    role "decode": sequences whose packed rows (q_len * group) fit one 4-warp tile of 64 rows;
-    role "prefill": the rest. ``max_smem`` is the device's opt-in shared memory per block.
+    role "decode": sequences of at most 16 packed rows (q_len * group), e.g. one query of a GQA group
+    of up to 16 heads; role "narrow": up to 64 rows (one 4-warp tile); role "prefill": the rest.
+    ``max_smem`` is the device's opt-in shared memory per block; ``hopper``: the device runs sm_90a code
+    (prefill then takes the wgmma kernel where the head dim allows).
     """
     if role not in ROLES:
         raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
+    if hopper and role == "prefill" and head_dim in WGMMA_HEAD_DIMS:
+        # 128 x 128 tiles. A slot goes back only after P V of its tile, while the consumers already wait
+        # for the next tile's K: three slots keep one tile of copies ahead (192 KB at d128), four at d64.
+        cfg = AttentionConfig(dtype, head_dim, block_n=128, stages=3 if head_dim == 128 else 4, wgmma=True)
+        if cfg.smem_bytes <= max_smem:
+            return cfg
+    split_keys = False
     if role == "decode":
+        # The warps split each key tile (16 keys each) over the same 16 rows: with one row tile per
+        # warp, one warp did all the tensor work of a decode CTA (H100, B=1 S=32768: 76 us, 1.76 TB/s,
+        # and more stages only lowered occupancy: 94 us). d256: 2 warps of 16 keys of 32-key tiles.
+        warps, stages, split_keys = (4 if head_dim <= 128 else 2), 2, True
+    elif role == "narrow":
         # 4 warps = 64 rows: one CTA holds every query head of a group (group <= 64) of one decode query
         # (or a few queries); only warps holding rows compute, all four stream K/V. Two stages keep
-        # smem at 87 KB (d128) so two CTAs share an SM: ~70 KB of K/V in flight per SM, above the
-        # ~23 KB that 3 TB/s x 1 us latency / 132 SMs needs.
+        # smem at 87 KB (d128) so two CTAs share an SM.
         warps, stages = 4, 2
     elif head_dim <= 128:
         # 8 warps = 128-row tiles halve K/V smem traffic per row against 64-row tiles; ptxas 13.0
@@ -144,10 +199,11 @@ def tile_config(dtype: str, head_dim: int, role: str, max_smem: int = H100_SMEM_
         warps, stages = 4, 2
     # 64-key tiles at d <= 128; d256 halves them so a K+V stage stays at 33 KB.
     block_n = 64 if head_dim <= 128 else 32
-    cfg = AttentionConfig(dtype, head_dim, block_n, warps, stages)
+    cfg = AttentionConfig(dtype, head_dim, block_n, warps, stages, split_keys)
     # Smaller parts (sm_86/89 allow 99 KB per block): shrink key tiles until the variant fits.
-    while cfg.smem_bytes > max_smem and cfg.block_n > MMA_M:
-        cfg = AttentionConfig(dtype, head_dim, cfg.block_n // 2, warps, stages)
+    min_block_n = MMA_M * warps if split_keys else MMA_M
+    while cfg.smem_bytes > max_smem and cfg.block_n > min_block_n:
+        cfg = AttentionConfig(dtype, head_dim, cfg.block_n // 2, warps, stages, split_keys)
     if cfg.smem_bytes > max_smem:
         raise _jit.CuflashUnavailableError(
             f"{cfg.kernel_name()} needs {cfg.smem_bytes} bytes of shared memory per block, the device allows {max_smem}"
@@ -156,13 +212,15 @@ def tile_config(dtype: str, head_dim: int, role: str, max_smem: int = H100_SMEM_
 
 
 def kernel_variants() -> list[AttentionConfig]:
-    """Every attention config the heuristics can pick (CI compiles them all, for sm_80 and sm_90)."""
+    """Every attention config the heuristics can pick (CI compiles them all: sm_80 and sm_90, sm_90a for
+    the wgmma ones)."""
     out = []
     for dtype in DTYPES:
         for d in HEAD_DIMS:
             for role in ROLES:
-                for limit in (H100_SMEM_PER_BLOCK, SM86_SMEM_PER_BLOCK):
-                    c = tile_config(dtype, d, role, limit)
+                for limit, hopper in ((H100_SMEM_PER_BLOCK, True), (H100_SMEM_PER_BLOCK, False),
+                                      (SM86_SMEM_PER_BLOCK, False)):
+                    c = tile_config(dtype, d, role, limit, hopper)
                     if c not in out:
                         out.append(c)
     return out
@@ -218,22 +276,25 @@ def visible_keys(q_len: int, kv_len: int, last_query: int, causal: bool) -> int:
 
 
 def partition(q_lens, kv_lens, *, group: int, num_kv_heads: int, dtype: str, head_dim: int, causal: bool,
-              slots_of, max_smem: int = H100_SMEM_PER_BLOCK) -> list[LaunchSpec]:
+              slots_of, max_smem: int = H100_SMEM_PER_BLOCK, hopper: bool = False) -> list[LaunchSpec]:
     """Split a batch into launches (decode-like and prefill sequences) and work items.
 
     q_lens, kv_lens: host int arrays [batch] (kv_lens: the lengths to plan for); ``slots_of(config)``
-    gives the CTAs the GPU holds at once for a config. Sequences with no query get no work.
+    gives the CTAs the GPU holds at once for a config; ``hopper``: see :func:`tile_config`. Sequences
+    with no query get no work.
     """
     q_lens = np.asarray(q_lens, dtype=np.int64)
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
     q_starts = np.concatenate([[0], np.cumsum(q_lens)])
-    decode_cfg = tile_config(dtype, head_dim, "decode", max_smem)
+    configs = {role: tile_config(dtype, head_dim, role, max_smem, hopper) for role in ROLES}
+    rows = q_lens * group
+    decode_rows, narrow_rows = configs["decode"].block_m, configs["narrow"].block_m
+    members = {"decode": (rows > 0) & (rows <= decode_rows), "narrow": (rows > decode_rows) & (rows <= narrow_rows),
+               "prefill": rows > narrow_rows}
     specs = []
     for role in ROLES:
-        cfg = decode_cfg if role == "decode" else tile_config(dtype, head_dim, "prefill", max_smem)
-        rows = q_lens * group
-        is_decode = (rows > 0) & (rows <= decode_cfg.block_m)
-        seqs = np.flatnonzero(is_decode if role == "decode" else rows > decode_cfg.block_m)
+        cfg = configs[role]
+        seqs = np.flatnonzero(members[role])
         if seqs.size == 0:
             continue
         items, part_qrow, keys_of_item = [], [], []
@@ -406,7 +467,8 @@ class AttentionPlan:
             return _jit.sm_count(self.device_id) * k.resident_blocks_per_sm(cfg.threads, cfg.smem_bytes)
 
         self.launches = partition(q_lens, kv, group=self.group, num_kv_heads=self.num_kv_heads, dtype=dtype,
-                                  head_dim=self.head_dim, causal=self.causal, slots_of=slots_of, max_smem=max_smem)
+                                  head_dim=self.head_dim, causal=self.causal, slots_of=slots_of, max_smem=max_smem,
+                                  hopper=use_wgmma(self.device_id))
         with cp.cuda.Device(self.device_id):
             self._q_indptr = cp.asarray(indptr.astype(np.int32))
             self._work = [cp.asarray(s.work) for s in self.launches]
@@ -476,7 +538,8 @@ class AttentionPlan:
                 c = _jit.get_kernel(cfg, cfg.combine_kernel(), ctx.device_id)
                 c.launch((spec.n_part_rows, self.num_heads), self.head_dim,
                          (o_part, lse_part, part_qrow, np.int32(spec.n_part_rows), np.int32(self.num_heads),
-                          np.int32(spec.num_splits), out, lse), stream=ctx.stream)
+                          np.int32(spec.num_splits), out, lse), stream=ctx.stream,
+                         smem=combine_smem_bytes(spec.num_splits, self.head_dim))
 
     def _check_run_args(self, q, k_pages, v_pages, block_table, kv_lens, out, lse) -> None:
         dt = _check_float_dtype("q", q)

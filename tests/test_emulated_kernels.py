@@ -38,7 +38,8 @@ GEMM_CONFIGS = gemm.kernel_variants()  # every config choose_config can pick
 ATTN_DTYPES = ("float16", "bfloat16")
 ATTN_HEAD_DIM = 64
 _ATTN_PICKS = [(dt, ATTN_HEAD_DIM) for dt in ATTN_DTYPES] + [("bfloat16", 128), ("float16", 256)]
-ATTN_CONFIGS = list(dict.fromkeys(A.tile_config(dt, d, role) for dt, d in _ATTN_PICKS for role in A.ROLES))
+ATTN_CONFIGS = list(dict.fromkeys(A.tile_config(dt, d, role, hopper=hopper) for dt, d in _ATTN_PICKS
+                                   for role in A.ROLES for hopper in (False, True)))
 ATTN_KERNELS = list(dict.fromkeys(
     [k for c in ATTN_CONFIGS for k in (c.attention_kernel(), c.combine_kernel())] + [A.AttentionConfig.APPEND_KERNEL]
 ))
@@ -378,15 +379,16 @@ def test_group_gemm_ragged(mods, rng, schedule, tokens, layout, rows, n):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, schedule, causal=True):
+def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, schedule, causal=True, hopper=False):
     """AttentionPlan._launch on the host: partition() gives the launches; ``slots`` stands in for the
-    GPU's resident-CTA count (a large value makes partition split the keys)."""
+    GPU's resident-CTA count (a large value makes partition split the keys); ``hopper`` picks the
+    wgmma prefill kernel."""
     total_q, heads, d = q.shape
     kv_heads, page_size = kp.shape[2], kp.shape[1]
     group = heads // kv_heads
     q_lens = np.diff(q_indptr)
     specs = A.partition(q_lens, kv_lens, group=group, num_kv_heads=kv_heads, dtype=dtype, head_dim=d, causal=causal,
-                        slots_of=lambda cfg: slots)
+                        slots_of=lambda cfg: slots, hopper=hopper)
     out = _nan(q.shape, dtype)
     lse = np.full((total_q, heads), np.nan, np.float32)
     scale_log2 = np.float32(1.0 / math.sqrt(d) * math.log2(math.e))
@@ -403,16 +405,17 @@ def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, sch
         if spec.num_splits > 1:
             at.launch(cfg.combine_kernel(), (spec.n_part_rows, heads), d,
                       [o_part, lse_part, part_qrow, np.int32(spec.n_part_rows), np.int32(heads),
-                       np.int32(spec.num_splits), out, lse], schedule=schedule)
+                       np.int32(spec.num_splits), out, lse], smem=A.combine_smem_bytes(spec.num_splits, d),
+                      schedule=schedule)
     return out, lse, specs
 
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
 @pytest.mark.parametrize("split", [False, True], ids=["one_split", "split_kv"])
 def test_paged_attention_mixed_batch(mods, rng, schedule, dtype, split):
-    # decode (q_len 1), a row that sees no key (kv_len 0), short chunked prefill (decode role: 9 * 4 rows
-    # fit one 64-row tile), a long prefill over two 128-row tiles, and a chunk whose queries all sit
-    # past the first key tile
+    # decode (q_len 1, 4 rows: split-keys decode role), a row that sees no key (kv_len 0), short chunked
+    # prefill (narrow role: 9 * 4 rows fit one 64-row tile), a long prefill over two 128-row tiles, and a
+    # chunk whose queries all sit past the first key tile (3 * 4 rows: decode role)
     q_lens = [1, 1, 9, 40, 3]
     kv_lens = [100, 0, 23, 97, 70]
     heads, kv_heads, d, page = 8, 2, ATTN_HEAD_DIM, 5
@@ -422,7 +425,7 @@ def test_paged_attention_mixed_batch(mods, rng, schedule, dtype, split):
     lens = np.array(kv_lens, np.int32)
     out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype,
                                      slots=100000 if split else 1, schedule=schedule)
-    assert {s.role for s in specs} == {"decode", "prefill"}
+    assert {s.role for s in specs} == {"decode", "narrow", "prefill"}
     assert any(s.num_splits > 1 for s in specs) == split
     TA.check_close(out, lse, q, kp, vp, table, lens, q_indptr, dtype)
 
@@ -441,6 +444,25 @@ def test_paged_attention_larger_heads(mods, rng, schedule, dtype, d, page):
                                          schedule=schedule)
         assert all(s.config in ATTN_CONFIGS for s in specs)
         TA.check_close(out, lse, q, kp, vp, table, lens, q_indptr, dtype)
+
+
+@pytest.mark.parametrize("dtype,d,page", [("float16", 64, 5), ("bfloat16", 128, 16)])
+@pytest.mark.parametrize("split", [False, True], ids=["one_split", "split_kv"])
+def test_paged_attention_wgmma_prefill(mods, rng, schedule, dtype, d, page, split):
+    # the sm_90a prefill kernel: 128-row tiles over 128-key tiles, the 3- or 4-slot K/V ring wrapping
+    # (600 keys: 5 tiles), a chunk whose queries start past the first key tile, rows past the sequence
+    # end, and a decode row beside it (mma.sync decode kernel)
+    q_lens, kv_lens = [40, 1, 70], [600, 50, 70]
+    heads, kv_heads = 8, 2
+    kp, vp, table = TA.make_cache(rng, kv_lens, page_size=page, kv_heads=kv_heads, head_dim=d, dtype=dtype)
+    q_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    q = TA.make_q(rng, int(q_indptr[-1]), heads, d, dtype)
+    lens = np.array(kv_lens, np.int32)
+    out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype,
+                                     slots=100000 if split else 1, schedule=schedule, hopper=True)
+    assert any(s.config.wgmma for s in specs)
+    assert any(s.num_splits > 1 for s in specs) == split
+    TA.check_close(out, lse, q, kp, vp, table, lens, q_indptr, dtype)
 
 
 def test_paged_attention_non_causal_decode_split(mods, rng, schedule):

@@ -12,15 +12,36 @@ namespace attn {
 struct PagedKV {
   const int* __restrict__ table;  // this sequence's block-table row
   int page_size;
-  long long token_stride;  // elements between consecutive tokens of one page: kv_heads * head_dim
-  long long head_offset;   // elements from a token's start to this CTA's kv head: kv_head * head_dim
+  int token_stride;       // elements between consecutive tokens of one page: kv_heads * head_dim
+  int head_offset;        // elements from a token's start to this CTA's kv head: kv_head * head_dim
+  long long page_stride;  // elements between pages: page_size * token_stride
 
-  // Element offset of key `key` (0-based in the sequence) of this kv head inside a pool. The page id
-  // comes from the table (L1-resident after the first tile), the slot from the remainder.
-  __device__ __forceinline__ long long offset(int key) const {
-    const int page = __ldg(table + key / page_size);
-    const int slot = key - (key / page_size) * page_size;
-    return (static_cast<long long>(page) * page_size + slot) * token_stride + head_offset;
+  __device__ __forceinline__ PagedKV(const int* row, int page_size_, int kv_heads, int head_dim, int kv_head)
+      : table(row), page_size(page_size_), token_stride(kv_heads * head_dim), head_offset(kv_head * head_dim),
+        page_stride(static_cast<long long>(page_size_) * kv_heads * head_dim) {}
+
+  // Element offset inside a pool of slot `in_page` of table entry `entry`, this kv head. The page id
+  // comes from the table (L1-resident after the first tile).
+  __device__ __forceinline__ long long offset(int entry, int in_page) const {
+    return static_cast<long long>(__ldg(table + entry)) * page_stride + in_page * token_stride + head_offset;
+  }
+};
+
+// The (table entry, slot) of keys key0, key0 + kStep, key0 + 2 kStep, ... of one sequence, advanced
+// without a division per key (the copy loops take a tile's rows kStep apart).
+template <int kStep>
+struct PageWalk {
+  int entry, in_page;
+
+  __device__ __forceinline__ PageWalk(int key0, int page_size) : entry(key0 / page_size), in_page(key0 - entry * page_size) {}
+
+  __device__ __forceinline__ void advance(int page_size) {
+    in_page += kStep;
+    if (in_page >= page_size) {
+      const int pages = page_size >= kStep ? 1 : in_page / page_size;
+      entry += pages;
+      in_page -= pages * page_size;
+    }
   }
 };
 

@@ -46,6 +46,16 @@ struct OnlineSoftmax {
   // o [kDTiles][4] by exp2(m_old - m_new) row-wise.
   template <int kNTiles, int kDTiles>
   __device__ __forceinline__ void update(float (&s)[kNTiles][4], float (&o)[kDTiles][4]) {
+    float alpha[2];
+    update_scores(s, alpha);
+    rescale(o, alpha);
+  }
+
+  // The first half of update(): new running max and sums, s replaced by the probabilities; returns
+  // the factors exp2(m_old - m_new) the output accumulator still has to be multiplied by (rescale),
+  // so that it can stay in flight meanwhile (the wgmma kernel's P V of the previous tile).
+  template <int kNTiles>
+  __device__ __forceinline__ void update_scores(float (&s)[kNTiles][4], float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = m[r];
@@ -53,7 +63,7 @@ struct OnlineSoftmax {
       for (int n = 0; n < kNTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
       mx = quad_max(mx);
       const float m_use = mx == -CUDART_INF_F ? 0.0f : mx;
-      const float alpha = fast_exp2(m[r] - m_use);  // 0 when m[r] is -inf
+      alpha[r] = fast_exp2(m[r] - m_use);  // 0 when m[r] is -inf
       m[r] = mx;
       float sum = 0.0f;
 #pragma unroll
@@ -62,12 +72,18 @@ struct OnlineSoftmax {
         s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - m_use);
         sum += s[n][2 * r] + s[n][2 * r + 1];
       }
-      l[r] = l[r] * alpha + sum;
+      l[r] = l[r] * alpha[r] + sum;
+    }
+  }
+
+  template <int kDTiles>
+  __device__ __forceinline__ static void rescale(float (&o)[kDTiles][4], const float (&alpha)[2]) {
 #pragma unroll
-      for (int d = 0; d < kDTiles; ++d) {
-        o[d][2 * r] *= alpha;
-        o[d][2 * r + 1] *= alpha;
-      }
+    for (int d = 0; d < kDTiles; ++d) {
+      o[d][0] *= alpha[0];
+      o[d][1] *= alpha[0];
+      o[d][2] *= alpha[1];
+      o[d][3] *= alpha[1];
     }
   }
 

@@ -9,8 +9,8 @@
 // by the 4 warps of a warpgroup (warp_in_group = warp % 4), fp32 accumulators:
 //   A (64 x 16, registers): warp_in_group w holds rows 16w .. 16w+15 in the layout of mma.m16n8k16's
 //                           A fragment (common/mma.cuh), four 32-bit registers of two 16-bit values.
-//   B (16 x N, shared):     K-major with the 128-byte swizzle (the only layout built here; the ISA
-//                           also has no swizzle and 32/64-byte swizzles): column n's K values in a 128-byte
+//   B (16 x N, shared):     K-major with the 128-byte swizzle (or MN-major, wgmma_m64k16_rs_mn below;
+//                           the ISA also has no swizzle and 32/64-byte swizzles): column n's K values in a 128-byte
 //                           row, rows of 8 consecutive columns 128 bytes apart (an 8-row, 1024-byte
 //                           atom, 1024-byte aligned), atoms SBO bytes apart; the 16-byte chunk at byte
 //                           address a is stored at a ^ (((a >> 7) & 7) << 4) (address bits 4-6 XOR
@@ -38,6 +38,14 @@ constexpr unsigned long long kDescFieldMask = 0x3FFFull;  // 14-bit fields, in u
 __device__ __forceinline__ unsigned long long wgmma_desc_sw128(const void* smem, unsigned sbo) {
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   return ((addr >> 4) & kDescFieldMask) | (1ull << 16) | (((sbo >> 4) & kDescFieldMask) << 32) | (1ull << 62);
+}
+
+// Descriptor of an MN-major operand in the 128-byte swizzled layout at `smem` (1024-byte aligned): lbo
+// bytes between blocks of 64 n, sbo bytes between atoms of 8 k.
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128_mn(const void* smem, unsigned lbo, unsigned sbo) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  return ((addr >> 4) & kDescFieldMask) | (((lbo >> 4) & kDescFieldMask) << 16) | (((sbo >> 4) & kDescFieldMask) << 32) |
+         (1ull << 62);
 }
 
 // The same descriptor moved by `bytes` (a multiple of 16) along the shared memory: the start address
@@ -96,22 +104,31 @@ __device__ __forceinline__ void warpgroup_claim_registers() {
 template <int kN, typename T>
 __device__ __forceinline__ void wgmma_m64k16_rs(float (&d)[kN / 2], const unsigned (&a)[4], unsigned long long desc_b);
 
-// One definition per N and operand type: CT the C++ type, PT its PTX name; D the "{%0, ...}" list
-// of the N / 2 accumulators, which are operands 0 .. N/2 - 1 (the trailing "+f" constraints), so
-// A is operands N/2 .. N/2 + 3, the descriptor N/2 + 4 and the scale-d source N/2 + 5.
-#define CUFLASH_WGMMA_RS(N, CT, PT, D, A, DESC, SCALE_D, ...) \
+// The same with B MN-major (imm-trans-b = 1): the 16 x kN operand stored N-contiguous, e.g. V [keys][d]
+// for P V. 128-byte swizzle: row k of an 8-row atom holds 64 consecutive n (128 bytes), atoms of the next
+// 8 k lie SBO bytes apart, the next 64 n LBO bytes apart (PTX ISA, canonical layouts, MN-major).
+template <int kN, typename T>
+__device__ __forceinline__ void wgmma_m64k16_rs_mn(float (&d)[kN / 2], const unsigned (&a)[4], unsigned long long desc_b);
+
+// One definition per N, operand type and B majorness: NAME the function, CT the C++ type, PT its PTX
+// name, TB the imm-trans-b flag; D the "{%0, ...}" list of the N / 2 accumulators, which are operands
+// 0 .. N/2 - 1 (the trailing "+f" constraints), so A is operands N/2 .. N/2 + 3, the descriptor N/2 + 4
+// and the scale-d source N/2 + 5.
+#define CUFLASH_WGMMA_RS(NAME, TB, N, CT, PT, D, A, DESC, SCALE_D, ...) \
 template <> \
-__device__ __forceinline__ void wgmma_m64k16_rs<N, CT>(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc_b) { \
+__device__ __forceinline__ void NAME<N, CT>(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc_b) { \
   asm volatile( \
       "{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PT "." PT " " D ", " A ", " DESC ", p, 1, 1, 0;\n}\n" \
+      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PT "." PT " " D ", " A ", " DESC ", p, 1, 1, " TB ";\n}\n" \
       : __VA_ARGS__ \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1) \
       : "memory"); \
 }
 #define CUFLASH_WGMMA_RS_F16_BF16(N, D, A, DESC, SCALE_D, ...) \
-  CUFLASH_WGMMA_RS(N, __half, "f16", D, A, DESC, SCALE_D, __VA_ARGS__) \
-  CUFLASH_WGMMA_RS(N, __nv_bfloat16, "bf16", D, A, DESC, SCALE_D, __VA_ARGS__)
+  CUFLASH_WGMMA_RS(wgmma_m64k16_rs, "0", N, __half, "f16", D, A, DESC, SCALE_D, __VA_ARGS__) \
+  CUFLASH_WGMMA_RS(wgmma_m64k16_rs, "0", N, __nv_bfloat16, "bf16", D, A, DESC, SCALE_D, __VA_ARGS__) \
+  CUFLASH_WGMMA_RS(wgmma_m64k16_rs_mn, "1", N, __half, "f16", D, A, DESC, SCALE_D, __VA_ARGS__) \
+  CUFLASH_WGMMA_RS(wgmma_m64k16_rs_mn, "1", N, __nv_bfloat16, "bf16", D, A, DESC, SCALE_D, __VA_ARGS__)
 
 // The "+f" constraints of accumulators d[i] .. d[i + 7] and d[i] .. d[i + 15].
 #define CUFLASH_ACC8(i) \

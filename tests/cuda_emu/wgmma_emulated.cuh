@@ -91,7 +91,10 @@ struct Operands {
   unsigned long long desc;
 };
 
-template <int kN, bool kBf16>
+// kMN: B MN-major (imm-trans-b = 1), 128-byte swizzle only: element (k, n) at start + (n / 64) * LBO +
+// (k / 8) * SBO + (k % 8) * 128 + (n % 64) * 2, then the same address swizzle; the start must be a
+// 1024-byte atom.
+template <int kN, bool kBf16, bool kMN = false>
 inline void mma_rs(float* d, const unsigned (&a)[4], unsigned long long desc) {
   ::cuemu::Fiber& f = ::cuemu::me();
   ::cuemu::State& s = ::cuemu::S();
@@ -109,17 +112,22 @@ inline void mma_rs(float* d, const unsigned (&a)[4], unsigned long long desc) {
   };
   for (int i = 0; i < kWarpgroupThreads; ++i)
     if (ops(i).desc != desc) ::cuemu::fail("wgmma.mma_async: the warpgroup's threads passed different B descriptors (" + hex(ops(i).desc) + " vs " + hex(desc) + ")");
-  const Desc b = decode_checked(desc);
+  const Desc b = kMN ? decode(desc) : decode_checked(desc);
+  if (kMN && (!b.sw128 || b.start % kSwizzleAtomBytes || b.lbo % kSwizzleAtomBytes || b.sbo % kSwizzleAtomBytes))
+    ::cuemu::fail("wgmma MN-major B descriptor " + hex(desc) + ": only the 128B swizzle with a 1024-byte aligned start, LBO and SBO is emulated");
   std::vector<size_t> b_rows;
   std::vector<unsigned char> b_seen;
   // B(k, n): 16-bit element of the K-major no-swizzle layout; every core-matrix row read is checked.
   auto B = [&](int k, int n) {
     size_t off = b.start + (k / 8) * b.lbo + (n / 8) * b.sbo + (n % 8) * 16 + (k % 8) * 2;
-    if (b.sw128) {  // column n's 128-byte row, then address bits 4-6 XOR bits 7-9
+    if (kMN) {  // row k of an atom holds 64 consecutive n, then the address swizzle
+      const size_t logical = b.start + (n / 64) * b.lbo + (k / 8) * b.sbo + (k % 8) * 128 + (n % 64) * 2;
+      off = logical ^ (((logical >> 7) & 7) << 4);
+    } else if (b.sw128) {  // column n's 128-byte row, then address bits 4-6 XOR bits 7-9
       const size_t logical = b.start + (n / 8) * b.sbo + (n % 8) * 128 + k * 2;
       off = logical ^ (((logical >> 7) & 7) << 4);
     }
-    if (k % 8 == 0) {
+    if ((kMN ? n : k) % 8 == 0) {  // the first element of a 16-byte chunk
       ::cuemu::check_smem(s.smem + off, 16, 16, "wgmma.mma_async B core-matrix row");
       b_rows.push_back(off);
       b_seen.insert(b_seen.end(), s.smem + off, s.smem + off + 16);
@@ -179,6 +187,18 @@ __device__ __forceinline__ unsigned long long wgmma_desc_advance(unsigned long l
   return (desc & ~wgmma_emu::kField) | start;
 }
 
+// 128-byte swizzle, MN-major: a 1024-byte aligned start; LBO (next 64 n) and SBO (next 8 k) whole atoms.
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128_mn(const void* smem, unsigned lbo, unsigned sbo) {
+  ::cuemu::check_smem(smem, 16, 16, "wgmma descriptor start address");
+  const size_t addr = static_cast<const unsigned char*>(smem) - ::cuemu::dynamic_smem();
+  if (addr % kSwizzleAtomBytes) ::cuemu::fail("wgmma 128B-swizzle MN-major descriptor: start " + std::to_string(addr) + " is not 1024-byte aligned");
+  if ((addr >> 4) > wgmma_emu::kField || (lbo >> 4) > wgmma_emu::kField || (sbo >> 4) > wgmma_emu::kField)
+    ::cuemu::fail("wgmma descriptor: a field does not fit its 14 bits");
+  if (lbo % kSwizzleAtomBytes || sbo % kSwizzleAtomBytes) ::cuemu::fail("wgmma 128B-swizzle MN-major descriptor: LBO and SBO must be multiples of 1024 bytes");
+  return static_cast<unsigned long long>(addr >> 4) | (static_cast<unsigned long long>(lbo >> 4) << 16) |
+         (static_cast<unsigned long long>(sbo >> 4) << 32) | (1ull << 62);
+}
+
 // wgmma.fence / commit_group / wait_group are .sync.aligned: every lane of the warp executes them together.
 __device__ __forceinline__ void wgmma_fence() {
   ::cuemu::warp_sync();
@@ -226,6 +246,12 @@ template <int kN, typename T>
 __device__ __forceinline__ void wgmma_m64k16_rs(float (&d)[kN / 2], const unsigned (&a)[4], unsigned long long desc_b) {
   static_assert(kN % 8 == 0 && kN >= 8 && kN <= 256, "wgmma m64nNk16: N a multiple of 8 in [8, 256]");
   wgmma_emu::mma_rs<kN, std::is_same<T, __nv_bfloat16>::value>(d, a, desc_b);
+}
+
+template <int kN, typename T>
+__device__ __forceinline__ void wgmma_m64k16_rs_mn(float (&d)[kN / 2], const unsigned (&a)[4], unsigned long long desc_b) {
+  static_assert(kN % 8 == 0 && kN >= 8 && kN <= 256, "wgmma m64nNk16: N a multiple of 8 in [8, 256]");
+  wgmma_emu::mma_rs<kN, std::is_same<T, __nv_bfloat16>::value, true>(d, a, desc_b);
 }
 
 }  // namespace cuflash
