@@ -36,9 +36,12 @@ for s in "${stages[@]}"; do
   case $s in
     info) run_stage info python3 -m cuflash info ;;
     # the GEMM tests once more on the portable kernel (on an H100 the default picks wgmma for some calls)
+    # and the attention tests on the portable prefill kernel (on an H100 prefill defaults to wgmma)
     tests) run_stage tests python3 -m pytest -m gpu -q -rfEs tests
            run_stage tests-portable-gemm env CUFLASH_GEMM_WGMMA=0 python3 -m pytest -m gpu -q -rfEs \
-             tests/test_gemm.py tests/test_gpumode.py ;;
+             tests/test_gemm.py tests/test_gpumode.py
+           run_stage tests-portable-attention env CUFLASH_ATTN_WGMMA=0 python3 -m pytest -m gpu -q -rfEs \
+             tests/test_attention.py ;;
     # the GEMM tests alone: default kernel choice, then each kernel forced
     gemm-tests) run_stage gemm-tests python3 -m pytest -m gpu -q -rfEs tests/test_gemm.py tests/test_gpumode.py
                 run_stage gemm-tests-wgmma env CUFLASH_GEMM_WGMMA=1 python3 -m pytest -m gpu -q -rfEs -x \
