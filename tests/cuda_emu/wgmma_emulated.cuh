@@ -16,7 +16,8 @@
 //        bits 32-45 stride dimension byte offset >> 4 (SBO)
 //        bits 49-51 matrix base offset (0 unless a swizzle pattern is offset)
 //        bits 62-63 swizzle mode: 0 none, 1 128B, 2 64B, 3 32B
-//      K-major (imm-trans-b = 0) with no swizzle or the 128-byte swizzle is emulated. No swizzle: B
+//      K-major (imm-trans-b = 0) with no swizzle or the 128-byte swizzle is emulated, and MN-major
+//      (imm-trans-b = 1, wgmma_m64k16_rs_mn) with the 128-byte swizzle. No swizzle: B
 //      is made of core matrices of 8 columns n x 16 bytes (8 k values of 2 bytes, one 16-byte row per
 //      n, rows 16 bytes apart); element (k, n) lies at start + (k / 8) * LBO + (n / 8) * SBO + (n % 8)
 //      * 16 + (k % 8) * 2. 128-byte swizzle: column n's K values in a 128-byte row at start + (n / 8)
