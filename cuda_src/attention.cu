@@ -48,19 +48,104 @@ __host__ __device__ constexpr int block_rows() {
   return kSplitKeys ? kMmaM : kMmaM * kWarps;
 }
 
-// Bytes of the split-keys merge: each warp's fp32 output tile [16][kHeadDim], then its row max and row
-// sum [16] each. It reuses the Q / K / V buffers once the key loop is done.
-template <int kHeadDim, int kWarps>
-__host__ __device__ constexpr int merge_smem_bytes() {
-  return kWarps * kMmaM * (kHeadDim + 2) * 4;
+// One CTA's work: the sequence, kv head and KV split it serves (grid y, z), its packed rows m0 ..
+// m0 + kBlockM - 1 (row r = query r / group, head r % group of the kv head's group) and its key tiles.
+struct WorkItem {
+  int seq, part_base, kv_head, split, num_splits;
+  int q_start, q_len, kv_len, rows, m0;
+  int num_heads, group, causal;
+  int n_keys;      // keys any of the rows sees: 0 .. n_keys - 1 (the last row sees the most)
+  int tile_begin;  // first key tile of this split
+  int n_tiles;     // key tiles of this split
+
+  // Last key packed row r sees, -1 for a row past the sequence (or one that sees none).
+  __device__ __forceinline__ int last_key(int r) const {
+    return r < rows ? last_visible_key(r / group, q_len, kv_len, causal) : -1;
+  }
+  // Row of q / out / lse ([total_q * num_heads]) of packed row r < rows.
+  __device__ __forceinline__ long long q_row(int r) const {
+    const int qi = r / group;
+    return static_cast<long long>(q_start + qi) * num_heads + kv_head * group + (r - qi * group);
+  }
+};
+
+// The work item of this CTA (work[blockIdx.x] = (sequence, row tile, first partial row)); the caller
+// returns at once when m0 >= rows (the plan never makes such an item).
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ WorkItem load_work_item(const int* __restrict__ work, const int* __restrict__ q_indptr,
+                                                   const int* __restrict__ kv_lens, int num_heads, int group,
+                                                   int causal) {
+  WorkItem w;
+  w.seq = work[blockIdx.x * kWorkFields];
+  w.m0 = work[blockIdx.x * kWorkFields + 1] * kBlockM;
+  w.part_base = work[blockIdx.x * kWorkFields + 2];
+  w.kv_head = blockIdx.y;
+  w.split = blockIdx.z;
+  w.num_splits = gridDim.z;
+  w.q_start = q_indptr[w.seq];
+  w.q_len = q_indptr[w.seq + 1] - w.q_start;
+  w.kv_len = kv_lens[w.seq];
+  w.rows = w.q_len * group;
+  w.num_heads = num_heads;
+  w.group = group;
+  w.causal = causal;
+  w.n_keys = w.m0 < w.rows ? w.last_key(min(w.m0 + kBlockM, w.rows) - 1) + 1 : 0;
+  const int n_tiles_all = w.n_keys > 0 ? ceil_div(w.n_keys, kBlockN) : 0;
+  const int tiles_per_split = ceil_div(n_tiles_all, w.num_splits);
+  w.tile_begin = w.split * tiles_per_split;
+  w.n_tiles = max(0, min(n_tiles_all, w.tile_begin + tiles_per_split) - w.tile_begin);
+  return w;
 }
 
-// Shared-memory bytes of one variant (the Python side computes the same number).
-template <int kHeadDim, int kBlockN, int kWarps, int kStages, bool kSplitKeys>
-__host__ __device__ constexpr int smem_bytes() {
-  constexpr int tiles = (block_rows<kWarps, kSplitKeys>() + 2 * kStages * kBlockN) * (kHeadDim + kSmemPad) * 2;
-  return kSplitKeys && merge_smem_bytes<kHeadDim, kWarps>() > tiles ? merge_smem_bytes<kHeadDim, kWarps>() : tiles;
-}
+// Where one packed row's results go: its row of `out` / `lse` with one split, else this split's row
+// of the partials (o_part fp32, lse_part) for combine_splits_kernel.
+template <typename T>
+struct RowSink {
+  T* out;      // one split: the row's output (q's dtype) ...
+  float* o;    // ... several: its fp32 partial
+  float* lse;
+
+  __device__ __forceinline__ void pair(int col, float a, float b) const {
+    if (out != nullptr) *reinterpret_cast<unsigned*>(out + col) = pack2<T>(a, b);
+    else *reinterpret_cast<float2*>(o + col) = make_float2(a, b);
+  }
+};
+
+template <typename T, int kHeadDim>
+struct Outputs {
+  T* out;
+  float* lse;
+  float* o_part;
+  float* lse_part;
+  int n_part_rows;
+
+  __device__ __forceinline__ RowSink<T> row(const WorkItem& w, int r) const {
+    if (w.num_splits == 1) {
+      const long long i = w.q_row(r);
+      return {out + i * kHeadDim, nullptr, lse + i};
+    }
+    const int qi = r / w.group;
+    const long long i = (static_cast<long long>(w.split) * n_part_rows + w.part_base + qi) * w.num_heads +
+                        w.kv_head * w.group + (r - qi * w.group);
+    return {nullptr, o_part + i * kHeadDim, lse_part + i};
+  }
+
+  // Rows r0 (g) and r0 + 8 of an mma / wgmma C fragment: o[d][2i], o[d][2i + 1] are columns 8d + 2t, +1
+  // of row r0 + 8i; the LSE comes from the quad's first lane (t = 0).
+  template <int kDTiles>
+  __device__ __forceinline__ void store_fragment(const WorkItem& w, int r0, int t, const float (&o)[kDTiles][4],
+                                                 const float (&row_lse)[2]) const {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = r0 + 8 * i;
+      if (r >= w.rows) continue;
+      const RowSink<T> dst = row(w, r);
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d) dst.pair(d * kMmaN + 2 * t, o[d][2 * i], o[d][2 * i + 1]);
+      if (t == 0) *dst.lse = row_lse[i];
+    }
+  }
+};
 
 // Grid: x = work item, y = kv head, z = KV split. Block: kWarps warps.
 template <typename T, int kHeadDim, int kBlockN, int kWarps, int kStages, bool kSplitKeys>
@@ -90,37 +175,21 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   T* sV = sK + kStages * kBlockN * kRowElems;  // [kStages][kBlockN][kRowElems]
 
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const int seq = work[blockIdx.x * kWorkFields], m_tile = work[blockIdx.x * kWorkFields + 1];
-  const int part_base = work[blockIdx.x * kWorkFields + 2];
-  const int kv_head = blockIdx.y, num_kv_heads = gridDim.y;
-  const int split = blockIdx.z, num_splits = gridDim.z;
-  const int q_start = q_indptr[seq], q_len = q_indptr[seq + 1] - q_start;
-  const int kv_len = kv_lens[seq];
-  const int rows = q_len * group;
-  const int m0 = m_tile * kBlockM;
-  if (m0 >= rows) return;  // the plan never makes such an item; uniform over the CTA
-
-  // Keys this CTA's rows can see at all: 0 .. n_keys-1 (the tile's last row sees the most).
-  const int n_keys = last_visible_key((min(m0 + kBlockM, rows) - 1) / group, q_len, kv_len, causal) + 1;
-  const int n_tiles_all = n_keys > 0 ? ceil_div(n_keys, kBlockN) : 0;
-  const int tiles_per_split = ceil_div(n_tiles_all, num_splits);
-  const int tile_begin = split * tiles_per_split;
-  const int n_tiles = max(0, min(n_tiles_all, tile_begin + tiles_per_split) - tile_begin);
+  const WorkItem w = load_work_item<kBlockM, kBlockN>(work, q_indptr, kv_lens, num_heads, group, causal);
+  if (w.m0 >= w.rows) return;  // uniform over the CTA
+  const int m0 = w.m0, rows = w.rows, n_keys = w.n_keys, tile_begin = w.tile_begin, n_tiles = w.n_tiles;
+  const Outputs<T, kHeadDim> outs{out, lse, o_part, lse_part, n_part_rows};
 
   // The two rows this thread owns in the S / O fragments (g and g + 8 of its warp's 16), and the first
   // key of a tile this warp takes.
   const int warp_row0 = m0 + (kSplitKeys ? 0 : warp * kMmaM);
   const int warp_key0 = kSplitKeys ? warp * kWarpKeys : 0;
   const bool warp_active = warp_row0 < rows;
-  int last[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp_row0 + lane / 4 + 8 * i;
-    last[i] = r < rows ? last_visible_key(r / group, q_len, kv_len, causal) : -1;
-  }
-  // Rows grow with r, so the warp's first row sees the fewest keys and its last valid row the most.
-  const int warp_min_last = last_visible_key(warp_row0 / group, q_len, kv_len, causal);
-  const int warp_max_last = last_visible_key((min(warp_row0 + kMmaM, rows) - 1) / group, q_len, kv_len, causal);
+  const int last[2] = {w.last_key(warp_row0 + lane / 4), w.last_key(warp_row0 + lane / 4 + 8)};
+  // Rows grow with r, so the warp's first row sees the fewest keys and its last valid row the most
+  // (only used while the warp is active).
+  const int warp_min_last = w.last_key(warp_row0);
+  const int warp_max_last = w.last_key(min(warp_row0 + kMmaM, rows) - 1);
 
   const int copy_row = tid / kChunksPerRow;                       // + pass * kRowsPerPass
   const int copy_col = (tid % kChunksPerRow) * kElemsPerCopy;     // element column of this thread's chunk
@@ -129,17 +198,14 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
 #pragma unroll
   for (int p = 0; p < kBlockM / kRowsPerPass; ++p) {
     const int row = p * kRowsPerPass + copy_row;
-    const int r = m0 + row;
-    const bool valid = r < rows;
-    const int qi = valid ? r / group : 0;
-    const int head = kv_head * group + (valid ? r - qi * group : 0);
-    const T* src = q + ((static_cast<long long>(q_start + qi) * num_heads + head) * kHeadDim + copy_col);
-    cp_async_16_zfill(sQ + row * kRowElems + copy_col, valid ? src : q, valid);
+    const bool valid = m0 + row < rows;
+    const T* src = valid ? q + w.q_row(m0 + row) * kHeadDim + copy_col : q;
+    cp_async_16_zfill(sQ + row * kRowElems + copy_col, src, valid);
   }
   cp_async_commit();
 
-  const PagedKV paged(block_table + static_cast<long long>(seq) * table_stride, page_size, num_kv_heads, kHeadDim,
-                      kv_head);
+  const PagedKV paged(block_table + static_cast<long long>(w.seq) * table_stride, page_size, gridDim.y, kHeadDim,
+                      w.kv_head);
   // K and V of key tile `tile` into pipeline stage `stage`; keys >= n_keys are zero-filled (their
   // slots may hold anything, NaN included, and their table entries may be unset).
   auto load_kv = [&](int tile, int stage) {
@@ -150,7 +216,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       const int key = tile * kBlockN + row;
       const bool valid = key < n_keys;
       const long long off = valid ? paged.offset(walk.entry, walk.in_page) + copy_col : 0;
-      walk.advance(page_size);
+      walk.advance();
       const int dst = (stage * kBlockN + row) * kRowElems + copy_col;
       cp_async_16_zfill(sK + dst, k_pages + off, valid);
       cp_async_16_zfill(sV + dst, v_pages + off, valid);
@@ -260,15 +326,15 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       if (r >= rows) continue;
       float mx = -CUDART_INF_F;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_max[w * kMmaM + row]);
+      for (int wp = 0; wp < kWarps; ++wp) mx = fmaxf(mx, m_max[wp * kMmaM + row]);
       float l_all = 0.0f, o0 = 0.0f, o1 = 0.0f;
       if (mx != -CUDART_INF_F) {
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-          const float sw = m_sum[w * kMmaM + row];
+        for (int wp = 0; wp < kWarps; ++wp) {
+          const float sw = m_sum[wp * kMmaM + row];
           if (sw == 0.0f) continue;  // a warp that saw no key (its max may be -inf)
-          const float f = fast_exp2(m_max[w * kMmaM + row] - mx);
-          const float2 ow = *reinterpret_cast<const float2*>(m_o + (w * kMmaM + row) * kHeadDim + col);
+          const float f = fast_exp2(m_max[wp * kMmaM + row] - mx);
+          const float2 ow = *reinterpret_cast<const float2*>(m_o + (wp * kMmaM + row) * kHeadDim + col);
           l_all += f * sw;
           o0 += f * ow.x;
           o1 += f * ow.y;
@@ -276,18 +342,9 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       }
       const bool seen = l_all > 0.0f;
       const float inv = seen ? 1.0f / l_all : 0.0f;
-      const float row_lse = seen ? (mx + __log2f(l_all)) * kLn2 : -CUDART_INF_F;
-      const int qi = r / group;
-      const int head = kv_head * group + (r - qi * group);
-      if (num_splits == 1) {
-        const long long row_index = static_cast<long long>(q_start + qi) * num_heads + head;
-        *reinterpret_cast<unsigned*>(out + row_index * kHeadDim + col) = pack2<T>(o0 * inv, o1 * inv);
-        if (col == 0) lse[row_index] = row_lse;
-      } else {
-        const long long part_index = (static_cast<long long>(split) * n_part_rows + part_base + qi) * num_heads + head;
-        *reinterpret_cast<float2*>(o_part + part_index * kHeadDim + col) = make_float2(o0 * inv, o1 * inv);
-        if (col == 0) lse_part[part_index] = row_lse;
-      }
+      const RowSink<T> dst = outs.row(w, r);
+      dst.pair(col, o0 * inv, o1 * inv);
+      if (col == 0) *dst.lse = seen ? (mx + __log2f(l_all)) * kLn2 : -CUDART_INF_F;
     }
     return;
   }
@@ -295,32 +352,9 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
 
   float row_lse[2];
   softmax.finalize(o, row_lse);
-  const int t2 = 2 * (lane % 4);  // this thread's first column inside each 8-wide d tile
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp_row0 + lane / 4 + 8 * i;
-    if (r >= rows) continue;
-    const int qi = r / group;
-    const int head = kv_head * group + (r - qi * group);
-    if (num_splits == 1) {
-      const long long row_index = static_cast<long long>(q_start + qi) * num_heads + head;
-      T* dst = out + row_index * kHeadDim + t2;
-#pragma unroll
-      for (int d = 0; d < kDTiles; ++d)
-        *reinterpret_cast<unsigned*>(dst + d * kMmaN) = pack2<T>(o[d][2 * i], o[d][2 * i + 1]);
-      if (lane % 4 == 0) lse[row_index] = row_lse[i];
-    } else {
-      const long long part_index = (static_cast<long long>(split) * n_part_rows + part_base + qi) * num_heads + head;
-      float* dst = o_part + part_index * kHeadDim + t2;
-#pragma unroll
-      for (int d = 0; d < kDTiles; ++d)
-        *reinterpret_cast<float2*>(dst + d * kMmaN) = make_float2(o[d][2 * i], o[d][2 * i + 1]);
-      if (lane % 4 == 0) lse_part[part_index] = row_lse[i];
-    }
-  }
+  outs.store_fragment(w, warp_row0 + lane / 4, lane % 4, o, row_lse);
 }
 
-// ----------------------------------------------------------------------------------------------
 // Hopper (sm_90a) prefill: warp-specialized wgmma kernel, same arguments, work items, masks and
 // outputs as paged_attention_kernel (kBlockM = 128 rows per CTA).
 //
@@ -354,13 +388,11 @@ static_assert(kWarpgroupThreads * (kWsProducerRegs + kWsConsumers * kWsConsumerR
 
 template <int kHeadDim, int kBlockN, int kStages>
 struct WsLayout {
-  static constexpr int kColBlocks = kHeadDim / 64;        // 128-byte column blocks of a key row
   static constexpr int kBlockBytes = kBlockN * 128;       // one column block of a tile
   static constexpr int kTileBytes = kBlockN * kHeadDim * 2;
   static constexpr int kSlotBytes = 2 * kTileBytes;       // K tile, then V tile
+  // Dynamic shared memory (AttentionConfig.smem_bytes): alignment slack, the ring, full and empty barriers.
   static constexpr int kRingBytes = kStages * kSlotBytes;
-  // Dynamic shared memory: alignment slack, the ring, full and empty barriers (attention.py computes the same).
-  static constexpr int kSmemBytes = kSwizzleAtomBytes + kRingBytes + 2 * kStages * 8;
   static_assert(kHeadDim % 64 == 0, "whole 128-byte column blocks");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N: a multiple of 16 up to 256");
   // Byte offset of 16-byte chunk c (values 8c .. 8c+7) of key row r inside a tile.
@@ -393,21 +425,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   unsigned long long* empty = full + kStages;
 
   const int tid = threadIdx.x;
-  const int seq = work[blockIdx.x * kWorkFields], m_tile = work[blockIdx.x * kWorkFields + 1];
-  const int part_base = work[blockIdx.x * kWorkFields + 2];
-  const int kv_head = blockIdx.y, num_kv_heads = gridDim.y;
-  const int split = blockIdx.z, num_splits = gridDim.z;
-  const int q_start = q_indptr[seq], q_len = q_indptr[seq + 1] - q_start;
-  const int kv_len = kv_lens[seq];
-  const int rows = q_len * group;
-  const int m0 = m_tile * kBlockM;
-  if (m0 >= rows) return;  // the plan never makes such an item; uniform over the CTA
-
-  const int n_keys = last_visible_key((min(m0 + kBlockM, rows) - 1) / group, q_len, kv_len, causal) + 1;
-  const int n_tiles_all = n_keys > 0 ? ceil_div(n_keys, kBlockN) : 0;
-  const int tiles_per_split = ceil_div(n_tiles_all, num_splits);
-  const int tile_begin = split * tiles_per_split;
-  const int n_tiles = max(0, min(n_tiles_all, tile_begin + tiles_per_split) - tile_begin);
+  const WorkItem w = load_work_item<kBlockM, kBlockN>(work, q_indptr, kv_lens, num_heads, group, causal);
+  if (w.m0 >= w.rows) return;  // uniform over the CTA
+  const int n_tiles = w.n_tiles;
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -422,8 +442,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // tid copies chunk tid % kChunksPerRow of rows tid / kChunksPerRow + p * kRowsPerPass.
     warpgroup_release_registers<kWsProducerRegs>();
     constexpr int kRowsPerPass = kWarpgroupThreads / kChunksPerRow;
-    const PagedKV paged(block_table + static_cast<long long>(seq) * table_stride, page_size, num_kv_heads, kHeadDim,
-                        kv_head);
+    const PagedKV paged(block_table + static_cast<long long>(w.seq) * table_stride, page_size, gridDim.y, kHeadDim,
+                        w.kv_head);
     const int c = tid % kChunksPerRow, row0 = tid / kChunksPerRow;
     for (int j = 0; j < n_tiles; ++j) {
       const int slot = j % kStages;
@@ -431,14 +451,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       unsigned char* k_tile = ring + slot * L::kSlotBytes;
       unsigned char* v_tile = k_tile + L::kTileBytes;
       // This thread's keys: key0 + p * kRowsPerPass (one division per tile, not per row).
-      const int key0 = (tile_begin + j) * kBlockN + row0;
+      const int key0 = (w.tile_begin + j) * kBlockN + row0;
       PageWalk<kRowsPerPass> walk(key0, page_size);
 #pragma unroll
       for (int p = 0; p < kBlockN / kRowsPerPass; ++p) {
         const int r = row0 + p * kRowsPerPass;
-        const bool valid = key0 + p * kRowsPerPass < n_keys;  // keys past the last visible one: zero-filled
+        const bool valid = key0 + p * kRowsPerPass < w.n_keys;  // keys past the last visible one: zero-filled
         const long long off = valid ? paged.offset(walk.entry, walk.in_page) + c * kElemsPerCopy : 0;
-        walk.advance(page_size);
+        walk.advance();
         const int dst = L::chunk_offset(r, c);
         cp_async_16_zfill(k_tile + dst, k_pages + off, valid);
         cp_async_16_zfill(v_tile + dst, v_pages + off, valid);
@@ -453,14 +473,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   warpgroup_claim_registers<kWsConsumerRegs>();
   const int ct = tid - kWarpgroupThreads;            // consumer thread 0 .. 255
   const int warp = ct / kWarpSize, lane = ct % kWarpSize, g = lane / 4, t = lane % 4;
-  const int warp_row0 = m0 + warp * kMmaM;           // warps 0-3: rows 0-63 (warpgroup 1), 4-7: 64-127
-  int last[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp_row0 + g + 8 * i;
-    last[i] = r < rows ? last_visible_key(r / group, q_len, kv_len, causal) : -1;
-  }
-  const int warp_min_last = warp_row0 < rows ? last_visible_key(warp_row0 / group, q_len, kv_len, causal) : -1;
+  const int warp_row0 = w.m0 + warp * kMmaM;         // warps 0-3: rows 0-63 (warpgroup 1), 4-7: 64-127
+  const int last[2] = {w.last_key(warp_row0 + g), w.last_key(warp_row0 + g + 8)};
+  const int warp_min_last = w.last_key(warp_row0);
 
   // Q fragments (A of S = Q K^T), k step s: registers (row g, d 16s + 2t), (row g + 8, same),
   // (row g, d 16s + 8 + 2t), (row g + 8, same); rows past the sequence are zero.
@@ -468,10 +483,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = warp_row0 + g + 8 * i;
-    const bool valid = r < rows;
-    const int qi = valid ? r / group : 0;
-    const int head = kv_head * group + (valid ? r - qi * group : 0);
-    const unsigned* src = reinterpret_cast<const unsigned*>(q + (static_cast<long long>(q_start + qi) * num_heads + head) * kHeadDim) + t;
+    const bool valid = r < w.rows;
+    const unsigned* src = reinterpret_cast<const unsigned*>(q + (valid ? w.q_row(r) : 0) * kHeadDim) + t;
 #pragma unroll
     for (int s = 0; s < kDSteps; ++s) {
       qf[s][i] = valid ? __ldg(src + 8 * s) : 0u;
@@ -515,7 +528,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s4[n][e] *= scale_log2;
     }
-    const int n0 = (tile_begin + jj) * kBlockN;
+    const int n0 = (w.tile_begin + jj) * kBlockN;
     if (n0 + kBlockN - 1 > warp_min_last) apply_mask(s4, n0, t, last);
     softmax.update_scores(s4, alpha);
   };
@@ -576,40 +589,17 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   float row_lse[2];
   softmax.finalize(o4, row_lse);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp_row0 + g + 8 * i;
-    if (r >= rows) continue;
-    const int qi = r / group;
-    const int head = kv_head * group + (r - qi * group);
-    if (num_splits == 1) {
-      const long long row_index = static_cast<long long>(q_start + qi) * num_heads + head;
-      T* dst = out + row_index * kHeadDim + 2 * t;
-#pragma unroll
-      for (int d = 0; d < kDTiles; ++d)
-        *reinterpret_cast<unsigned*>(dst + d * kMmaN) = pack2<T>(o4[d][2 * i], o4[d][2 * i + 1]);
-      if (t == 0) lse[row_index] = row_lse[i];
-    } else {
-      const long long part_index = (static_cast<long long>(split) * n_part_rows + part_base + qi) * num_heads + head;
-      float* dst = o_part + part_index * kHeadDim + 2 * t;
-#pragma unroll
-      for (int d = 0; d < kDTiles; ++d)
-        *reinterpret_cast<float2*>(dst + d * kMmaN) = make_float2(o4[d][2 * i], o4[d][2 * i + 1]);
-      if (t == 0) lse_part[part_index] = row_lse[i];
-    }
-  }
+  const Outputs<T, kHeadDim> outs{out, lse, o_part, lse_part, n_part_rows};
+  outs.store_fragment(w, warp_row0 + g, t, o4, row_lse);
 }
 
 // Merges the splits of each (partial row, head): out = sum_s w_s o_s / sum_s w_s with
 // w_s = exp(lse_s - max lse), lse = max lse + ln(sum w_s). A split that saw no key (lse -inf) has
 // weight 0 (its o, written as 0, is not used); a row no split saw gets 0 and -inf.
 // Grid: x = partial row, y = head. Block: head_dim threads, one output element each. Dynamic shared
-// memory: combine_smem_bytes(num_splits, head_dim). The weights are computed once per block into
-// shared memory, so the loop over splits is independent loads (a loop of dependent lse loads per
-// thread made B=1 S=32768 decode wait on ~32 round trips).
-__host__ __device__ constexpr int combine_smem_bytes(int num_splits, int head_dim) {
-  return (num_splits + head_dim / kWarpSize) * 4;
-}
+// memory: num_splits + head_dim / 32 floats (attention.combine_smem_bytes). The weights are computed
+// once per block into shared memory, so the loop over splits is independent loads (a loop of dependent
+// lse loads per thread made B=1 S=32768 decode wait on ~32 round trips).
 
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kHeadDim)

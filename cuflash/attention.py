@@ -107,10 +107,10 @@ class AttentionConfig(_jit.KernelConfig):
 
     @property
     def smem_bytes(self) -> int:
-        """Dynamic shared memory (attention.cu smem_bytes / WsLayout::kSmemBytes). mma.sync kernel: Q tile
-        plus kStages K and V tiles, rows padded, or the split-keys merge buffers (fp32 [warps, 16,
-        head_dim + 2]) where larger. wgmma kernel: 1024 bytes of alignment slack, kStages swizzled K and
-        V tiles, a full and an empty mbarrier per stage."""
+        """Dynamic shared memory (the layouts are described in attention.cu). mma.sync kernel: Q tile plus
+        kStages K and V tiles, rows padded, or the split-keys merge buffers (fp32 [warps, 16, head_dim +
+        2]) where larger. wgmma kernel (WsLayout): 1024 bytes of alignment slack, kStages swizzled K and V
+        tiles, a full and an empty mbarrier per stage."""
         if self.wgmma:
             return 1024 + self.stages * 2 * self.block_n * self.head_dim * _ELEM_BYTES + 2 * self.stages * 8
         tiles = (self.block_m + 2 * self.stages * self.block_n) * (self.head_dim + SMEM_PAD) * _ELEM_BYTES

@@ -379,6 +379,14 @@ def test_group_gemm_ragged(mods, rng, schedule, tokens, layout, rows, n):
 # ----------------------------------------------------------------------------------------------
 
 
+def _attention_inputs(rng, q_lens, kv_lens, heads, kv_heads, d, page, dtype):
+    """A shuffled paged cache, its queries and lengths: (k_pages, v_pages, table, q_indptr, q, kv_lens)."""
+    kp, vp, table = TA.make_cache(rng, kv_lens, page_size=page, kv_heads=kv_heads, head_dim=d, dtype=dtype)
+    q_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    q = TA.make_q(rng, int(q_indptr[-1]), heads, d, dtype)
+    return kp, vp, table, q_indptr, q, np.array(kv_lens, np.int32)
+
+
 def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, schedule, causal=True, hopper=False):
     """AttentionPlan._launch on the host: partition() gives the launches; ``slots`` stands in for the
     GPU's resident-CTA count (a large value makes partition split the keys); ``hopper`` picks the
@@ -419,10 +427,7 @@ def test_paged_attention_mixed_batch(mods, rng, schedule, dtype, split):
     q_lens = [1, 1, 9, 40, 3]
     kv_lens = [100, 0, 23, 97, 70]
     heads, kv_heads, d, page = 8, 2, ATTN_HEAD_DIM, 5
-    kp, vp, table = TA.make_cache(rng, kv_lens, page_size=page, kv_heads=kv_heads, head_dim=d, dtype=dtype)
-    q_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    q = TA.make_q(rng, int(q_indptr[-1]), heads, d, dtype)
-    lens = np.array(kv_lens, np.int32)
+    kp, vp, table, q_indptr, q, lens = _attention_inputs(rng, q_lens, kv_lens, heads, kv_heads, d, page, dtype)
     out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype,
                                      slots=100000 if split else 1, schedule=schedule)
     assert {s.role for s in specs} == {"decode", "narrow", "prefill"}
@@ -435,10 +440,7 @@ def test_paged_attention_larger_heads(mods, rng, schedule, dtype, d, page):
     # head_dim 128 / 256 variants (d256: 32-key tiles), longer caches: the 2-stage K/V ring wraps
     q_lens, kv_lens = [1, 20, 2], [150, 131, 64]
     heads, kv_heads = 4, 1
-    kp, vp, table = TA.make_cache(rng, kv_lens, page_size=page, kv_heads=kv_heads, head_dim=d, dtype=dtype)
-    q_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    q = TA.make_q(rng, int(q_indptr[-1]), heads, d, dtype)
-    lens = np.array(kv_lens, np.int32)
+    kp, vp, table, q_indptr, q, lens = _attention_inputs(rng, q_lens, kv_lens, heads, kv_heads, d, page, dtype)
     for slots in (1, 100000):
         out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype, slots=slots,
                                          schedule=schedule)
@@ -454,10 +456,7 @@ def test_paged_attention_wgmma_prefill(mods, rng, schedule, dtype, d, page, spli
     # end, and a decode row beside it (mma.sync decode kernel)
     q_lens, kv_lens = [40, 1, 70], [600, 50, 70]
     heads, kv_heads = 8, 2
-    kp, vp, table = TA.make_cache(rng, kv_lens, page_size=page, kv_heads=kv_heads, head_dim=d, dtype=dtype)
-    q_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    q = TA.make_q(rng, int(q_indptr[-1]), heads, d, dtype)
-    lens = np.array(kv_lens, np.int32)
+    kp, vp, table, q_indptr, q, lens = _attention_inputs(rng, q_lens, kv_lens, heads, kv_heads, d, page, dtype)
     out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype,
                                      slots=100000 if split else 1, schedule=schedule, hopper=True)
     assert any(s.config.wgmma for s in specs)
@@ -468,10 +467,8 @@ def test_paged_attention_wgmma_prefill(mods, rng, schedule, dtype, d, page, spli
 def test_paged_attention_non_causal_decode_split(mods, rng, schedule):
     dtype, heads, kv_heads, d, page = "float16", 8, 2, ATTN_HEAD_DIM, 5
     kv_lens = [77, 130, 4]
-    kp, vp, table = TA.make_cache(rng, kv_lens, page_size=page, kv_heads=kv_heads, head_dim=d, dtype=dtype)
-    q_indptr = np.arange(len(kv_lens) + 1, dtype=np.int32)
-    q = TA.make_q(rng, len(kv_lens), heads, d, dtype)
-    lens = np.array(kv_lens, np.int32)
+    kp, vp, table, q_indptr, q, lens = _attention_inputs(rng, [1] * len(kv_lens), kv_lens, heads, kv_heads, d, page,
+                                                         dtype)
     out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype,
                                      slots=100000, schedule=schedule, causal=False)
     assert specs[0].num_splits > 1

@@ -11,14 +11,13 @@ namespace attn {
 
 struct PagedKV {
   const int* __restrict__ table;  // this sequence's block-table row
-  int page_size;
   int token_stride;       // elements between consecutive tokens of one page: kv_heads * head_dim
   int head_offset;        // elements from a token's start to this CTA's kv head: kv_head * head_dim
   long long page_stride;  // elements between pages: page_size * token_stride
 
-  __device__ __forceinline__ PagedKV(const int* row, int page_size_, int kv_heads, int head_dim, int kv_head)
-      : table(row), page_size(page_size_), token_stride(kv_heads * head_dim), head_offset(kv_head * head_dim),
-        page_stride(static_cast<long long>(page_size_) * kv_heads * head_dim) {}
+  __device__ __forceinline__ PagedKV(const int* row, int page_size, int kv_heads, int head_dim, int kv_head)
+      : table(row), token_stride(kv_heads * head_dim), head_offset(kv_head * head_dim),
+        page_stride(static_cast<long long>(page_size) * kv_heads * head_dim) {}
 
   // Element offset inside a pool of slot `in_page` of table entry `entry`, this kv head. The page id
   // comes from the table (L1-resident after the first tile).
@@ -31,11 +30,12 @@ struct PagedKV {
 // without a division per key (the copy loops take a tile's rows kStep apart).
 template <int kStep>
 struct PageWalk {
-  int entry, in_page;
+  int page_size, entry, in_page;
 
-  __device__ __forceinline__ PageWalk(int key0, int page_size) : entry(key0 / page_size), in_page(key0 - entry * page_size) {}
+  __device__ __forceinline__ PageWalk(int key0, int page_size_)
+      : page_size(page_size_), entry(key0 / page_size_), in_page(key0 - entry * page_size_) {}
 
-  __device__ __forceinline__ void advance(int page_size) {
+  __device__ __forceinline__ void advance() {
     in_page += kStep;
     if (in_page >= page_size) {
       const int pages = page_size >= kStep ? 1 : in_page / page_size;

@@ -33,19 +33,22 @@ constexpr int kSwizzleAtomBytes = 1024;  // 8 rows of 128 bytes: the 128-byte sw
 
 constexpr unsigned long long kDescFieldMask = 0x3FFFull;  // 14-bit fields, in units of 16 bytes
 
-// Descriptor of a K-major operand in the 128-byte swizzled layout at `smem` (1024-byte aligned, or
-// that plus a k-step offset below 128); sbo in bytes between 8-row atoms. LBO is unused (set to 1).
-__device__ __forceinline__ unsigned long long wgmma_desc_sw128(const void* smem, unsigned sbo) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  return ((addr >> 4) & kDescFieldMask) | (1ull << 16) | (((sbo >> 4) & kDescFieldMask) << 32) | (1ull << 62);
-}
-
-// Descriptor of an MN-major operand in the 128-byte swizzled layout at `smem` (1024-byte aligned): lbo
-// bytes between blocks of 64 n, sbo bytes between atoms of 8 k.
-__device__ __forceinline__ unsigned long long wgmma_desc_sw128_mn(const void* smem, unsigned lbo, unsigned sbo) {
+// Descriptor of an operand in the 128-byte swizzled layout at `smem` (1024-byte aligned, or that plus a
+// K-major k-step offset below 128); lbo and sbo in bytes.
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128_lbo_sbo(const void* smem, unsigned lbo, unsigned sbo) {
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   return ((addr >> 4) & kDescFieldMask) | (((lbo >> 4) & kDescFieldMask) << 16) | (((sbo >> 4) & kDescFieldMask) << 32) |
          (1ull << 62);
+}
+
+// K-major: sbo bytes between 8-row atoms; LBO is unused (encoded 1, i.e. 16 bytes).
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128(const void* smem, unsigned sbo) {
+  return wgmma_desc_sw128_lbo_sbo(smem, 16, sbo);
+}
+
+// MN-major: lbo bytes between blocks of 64 n, sbo bytes between atoms of 8 k.
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128_mn(const void* smem, unsigned lbo, unsigned sbo) {
+  return wgmma_desc_sw128_lbo_sbo(smem, lbo, sbo);
 }
 
 // The same descriptor moved by `bytes` (a multiple of 16) along the shared memory: the start address
