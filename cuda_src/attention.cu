@@ -1,5 +1,5 @@
 // Paged causal attention: append new K/V into pages, one tensor-core kernel for prefill / chunked
-// prefill / decode (split-KV), and the split combine.
+// prefill / decode (split-KV, the splits merged by the last CTA of each to finish).
 //
 // Layouts (C-contiguous):
 //   q        [total_q, num_heads, head_dim]              fp16/bf16, ragged; q_indptr int32 [batch+1]
@@ -14,7 +14,8 @@
 // once per group. A sequence's rows are the pairs (query i, head-in-group h) flattened as
 // r = i * group + h; a CTA takes kBlockM = 16 * kWarps consecutive rows (one 16-row mma tile per
 // warp) against one kv head. Decode (q_len = 1) is the same kernel with `group` rows per sequence and
-// the keys split over gridDim.z CTAs (flash-decoding), merged by combine_splits_kernel.
+// the keys split over gridDim.z CTAs (flash-decoding), merged by the last split CTA to finish
+// (Outputs::merge_splits).
 //
 // kSplitKeys (sequences of at most 16 rows, i.e. decode): every warp takes the same 16 rows and its own
 // kBlockN / kWarps keys of each tile, with its own softmax state; the warps' states merge through shared
@@ -39,6 +40,7 @@ constexpr int kElemsPerCopy = 8; // fp16/bf16 elements in one 16-byte copy
 constexpr int kSmemPad = 8;      // elements (16 B) appended to each smem row: row stride 2*D+16 bytes puts
                                  // the 8 rows one ldmatrix reads in 8 distinct 16-byte bank groups
 constexpr int kWorkFields = 3;   // work item: (sequence, row tile, first partial row), int32
+constexpr int kMaxSplits = 128;  // split-KV count cap (attention.MAX_SPLITS): one merge weight each per warp
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -98,7 +100,7 @@ __device__ __forceinline__ WorkItem load_work_item(const int* __restrict__ work,
 }
 
 // Where one packed row's results go: its row of `out` / `lse` with one split, else this split's row
-// of the partials (o_part fp32, lse_part) for combine_splits_kernel.
+// of the partials (o_part fp32, lse_part) for Outputs::merge_splits.
 template <typename T>
 struct RowSink {
   T* out;      // one split: the row's output (q's dtype) ...
@@ -118,6 +120,7 @@ struct Outputs {
   float* o_part;
   float* lse_part;
   int n_part_rows;
+  int* counters;  // [work items, kv heads]: splits of the item done so far (0 between launches)
 
   __device__ __forceinline__ RowSink<T> row(const WorkItem& w, int r) const {
     if (w.num_splits == 1) {
@@ -145,6 +148,80 @@ struct Outputs {
       if (t == 0) *dst.lse = row_lse[i];
     }
   }
+
+  // The split-KV combine, fused: once every thread of the CTA has written its partials, the last of
+  // the num_splits CTAs of this (work item, kv head) to finish merges all splits of the item's rows:
+  // out = sum_s w_s o_s / sum_s w_s, w_s = exp(lse_s - max lse), lse = max lse + ln(sum_s w_s). A
+  // split that saw no key (lse -inf) has weight 0; a row no split saw gets 0 and -inf. That CTA puts
+  // the counter back to 0, so the next launch (a CUDA graph replay) starts clean. `scratch`: 16 bytes
+  // plus kMaxSplits floats per warp of shared memory no thread uses any more; `sync`: a barrier of the
+  // kThreads threads calling this (thread index tid). A separate combine kernel cost B=1 S=32768 decode
+  // a second launch and its ramp (H100: ~7 us of ~70).
+  template <int kBlockM, int kThreads, typename Sync>
+  __device__ __forceinline__ void merge_splits(const WorkItem& w, unsigned char* scratch, int tid, Sync sync) const {
+    constexpr int kWarps = kThreads / kWarpSize;
+    constexpr int kQuads = kHeadDim / 4;  // float4 columns of a row
+    __threadfence();  // this thread's partials reach device scope before the CTA counts itself done
+    sync();
+    int* is_last = reinterpret_cast<int*>(scratch);
+    if (tid == 0) {
+      int* count = counters + blockIdx.x * gridDim.y + blockIdx.y;
+      const int last = atomicAdd(count, 1) == w.num_splits - 1;
+      if (last) *count = 0;
+      *is_last = last;
+    }
+    sync();
+    if (!*is_last) return;
+    __threadfence();  // the other splits' partials, read below past L1 (__ldcg)
+    const int warp = tid / kWarpSize, lane = tid % kWarpSize;
+    float* weight = reinterpret_cast<float*>(scratch + 16) + warp * kMaxSplits;
+    const long long split_rows = static_cast<long long>(n_part_rows) * w.num_heads;  // partial rows per split
+    const int n_rows = min(kBlockM, w.rows - w.m0);
+    for (int i = warp; i < n_rows; i += kWarps) {
+      const int r = w.m0 + i, qi = r / w.group;
+      const long long prow =
+          static_cast<long long>(w.part_base + qi) * w.num_heads + w.kv_head * w.group + (r - qi * w.group);
+      float mx = -CUDART_INF_F;
+      for (int s = lane; s < w.num_splits; s += kWarpSize) {
+        const float l = __ldcg(lse_part + prow + s * split_rows);
+        weight[s] = l;
+        mx = fmaxf(mx, l);
+      }
+#pragma unroll
+      for (int o = kWarpSize / 2; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
+      float sum = 0.0f;
+      for (int s = lane; s < w.num_splits; s += kWarpSize) {
+        const float l = weight[s];
+        const float e = l == -CUDART_INF_F ? 0.0f : __expf(l - mx);  // mx is finite when any l is
+        weight[s] = e;
+        sum += e;
+      }
+#pragma unroll
+      for (int o = kWarpSize / 2; o > 0; o /= 2) sum += __shfl_xor_sync(kFullMask, sum, o);
+      __syncwarp();  // the weights, visible to the whole warp
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const long long q = w.q_row(r);
+      const float4* src = reinterpret_cast<const float4*>(o_part + prow * kHeadDim);
+      for (int c = lane; c < kQuads; c += kWarpSize) {
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+        for (int s = 0; s < w.num_splits; ++s) {
+          const float ws = weight[s];
+          if (ws > 0.0f) {
+            const float4 v = __ldcg(src + s * split_rows * kQuads + c);
+            acc.x += ws * v.x;
+            acc.y += ws * v.y;
+            acc.z += ws * v.z;
+            acc.w += ws * v.w;
+          }
+        }
+        *reinterpret_cast<uint2*>(out + q * kHeadDim + 4 * c) =
+            make_uint2(pack2<T>(acc.x * inv, acc.y * inv), pack2<T>(acc.z * inv, acc.w * inv));
+      }
+      if (lane == 0) lse[q] = sum > 0.0f ? mx + __logf(sum) : -CUDART_INF_F;
+      __syncwarp();  // every lane is done with the weights before the next row's
+    }
+  }
 };
 
 // Grid: x = work item, y = kv head, z = KV split. Block: kWarps warps.
@@ -154,7 +231,8 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
                            const int* __restrict__ block_table, int table_stride, const int* __restrict__ kv_lens,
                            const int* __restrict__ q_indptr, const int* __restrict__ work, int num_heads, int group,
                            int page_size, float scale_log2, int causal, T* __restrict__ out, float* __restrict__ lse,
-                           float* __restrict__ o_part, float* __restrict__ lse_part, int n_part_rows) {
+                           float* __restrict__ o_part, float* __restrict__ lse_part, int n_part_rows,
+                           int* __restrict__ counters) {
   constexpr int kThreads = kWarps * kWarpSize;
   constexpr int kBlockM = block_rows<kWarps, kSplitKeys>();
   constexpr int kWarpKeys = kSplitKeys ? kBlockN / kWarps : kBlockN;  // keys of a tile one warp takes
@@ -178,7 +256,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   const WorkItem w = load_work_item<kBlockM, kBlockN>(work, q_indptr, kv_lens, num_heads, group, causal);
   if (w.m0 >= w.rows) return;  // uniform over the CTA
   const int m0 = w.m0, rows = w.rows, n_keys = w.n_keys, tile_begin = w.tile_begin, n_tiles = w.n_tiles;
-  const Outputs<T, kHeadDim> outs{out, lse, o_part, lse_part, n_part_rows};
+  const Outputs<T, kHeadDim> outs{out, lse, o_part, lse_part, n_part_rows, counters};
 
   // The two rows this thread owns in the S / O fragments (g and g + 8 of its warp's 16), and the first
   // key of a tile this warp takes.
@@ -208,6 +286,10 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
                       w.kv_head);
   // K and V of key tile `tile` into pipeline stage `stage`; keys >= n_keys are zero-filled (their
   // slots may hold anything, NaN included, and their table entries may be unset).
+  // Decode reads each K/V byte once per call: its lines go first from L2, so streaming the cache does
+  // not push out (and force the write-back of) what other kernels left there (H100, B=1 S=32768 behind
+  // a 100 MB write: 71 -> 67 us, GPU time).
+  const unsigned long long stream_policy = kSplitKeys ? l2_evict_first_policy() : 0ull;
   auto load_kv = [&](int tile, int stage) {
     PageWalk<kRowsPerPass> walk(tile * kBlockN + copy_row, page_size);
 #pragma unroll
@@ -218,8 +300,13 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       const long long off = valid ? paged.offset(walk.entry, walk.in_page) + copy_col : 0;
       walk.advance();
       const int dst = (stage * kBlockN + row) * kRowElems + copy_col;
-      cp_async_16_zfill(sK + dst, k_pages + off, valid);
-      cp_async_16_zfill(sV + dst, v_pages + off, valid);
+      if constexpr (kSplitKeys) {
+        cp_async_16_zfill_hint(sK + dst, k_pages + off, valid, stream_policy);
+        cp_async_16_zfill_hint(sV + dst, v_pages + off, valid, stream_policy);
+      } else {
+        cp_async_16_zfill(sK + dst, k_pages + off, valid);
+        cp_async_16_zfill(sV + dst, v_pages + off, valid);
+      }
     }
   };
 
@@ -346,13 +433,12 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       dst.pair(col, o0 * inv, o1 * inv);
       if (col == 0) *dst.lse = seen ? (mx + __log2f(l_all)) * kLn2 : -CUDART_INF_F;
     }
-    return;
+  } else if (warp_active) {
+    float row_lse[2];
+    softmax.finalize(o, row_lse);
+    outs.store_fragment(w, warp_row0 + lane / 4, lane % 4, o, row_lse);
   }
-  if (!warp_active) return;
-
-  float row_lse[2];
-  softmax.finalize(o, row_lse);
-  outs.store_fragment(w, warp_row0 + lane / 4, lane % 4, o, row_lse);
+  if (w.num_splits > 1) outs.template merge_splits<kBlockM, kThreads>(w, smem_raw, tid, [] { __syncthreads(); });
 }
 
 // Hopper (sm_90a) prefill: warp-specialized wgmma kernel, same arguments, work items, masks and
@@ -408,7 +494,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                                  const int* __restrict__ q_indptr, const int* __restrict__ work, int num_heads,
                                  int group, int page_size, float scale_log2, int causal, T* __restrict__ out,
                                  float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
-                                 int n_part_rows) {
+                                 int n_part_rows, int* __restrict__ counters) {
   using L = WsLayout<kHeadDim, kBlockN, kStages>;
   constexpr int kBlockM = kWsBlockM;
   constexpr int kChunksPerRow = kHeadDim / kElemsPerCopy;
@@ -589,72 +675,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   float row_lse[2];
   softmax.finalize(o4, row_lse);
-  const Outputs<T, kHeadDim> outs{out, lse, o_part, lse_part, n_part_rows};
+  const Outputs<T, kHeadDim> outs{out, lse, o_part, lse_part, n_part_rows, counters};
   outs.store_fragment(w, warp_row0 + g, t, o4, row_lse);
-}
-
-// Merges the splits of each (partial row, head): out = sum_s w_s o_s / sum_s w_s with
-// w_s = exp(lse_s - max lse), lse = max lse + ln(sum w_s). A split that saw no key (lse -inf) has
-// weight 0 (its o, written as 0, is not used); a row no split saw gets 0 and -inf.
-// Grid: x = partial row, y = head. Block: head_dim threads, one output element each. Dynamic shared
-// memory: num_splits + head_dim / 32 floats (attention.combine_smem_bytes). The weights are computed
-// once per block into shared memory, so the loop over splits is independent loads (a loop of dependent
-// lse loads per thread made B=1 S=32768 decode wait on ~32 round trips).
-
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kHeadDim)
-    combine_splits_kernel(const float* __restrict__ o_part, const float* __restrict__ lse_part,
-                          const int* __restrict__ part_qrow, int n_part_rows, int num_heads, int num_splits,
-                          T* __restrict__ out, float* __restrict__ lse) {
-  constexpr int kWarps = kHeadDim / kWarpSize;
-  static_assert(kHeadDim % kWarpSize == 0, "whole warps");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  float* weight = reinterpret_cast<float*>(smem_raw);  // [num_splits]: split LSE, then its weight
-  float* partial = weight + num_splits;                  // [kWarps]: block reductions
-  const int prow = blockIdx.x, head = blockIdx.y, d = threadIdx.x, lane = d % kWarpSize, warp = d / kWarpSize;
-  const long long stride = static_cast<long long>(n_part_rows) * num_heads;  // between splits, in rows
-  const long long first = static_cast<long long>(prow) * num_heads + head;
-  // Block max of the split LSEs.
-  float mx = -CUDART_INF_F;
-  for (int s = d; s < num_splits; s += kHeadDim) {
-    const float l = lse_part[first + s * stride];
-    weight[s] = l;
-    mx = fmaxf(mx, l);
-  }
-#pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
-  if (lane == 0) partial[warp] = mx;
-  __syncthreads();
-  mx = partial[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, partial[w]);
-  __syncthreads();  // partial is reused below
-  // Weights and their block sum.
-  float wsum = 0.0f;
-  for (int s = d; s < num_splits; s += kHeadDim) {
-    const float l = weight[s];
-    const float w = (mx == -CUDART_INF_F || l == -CUDART_INF_F) ? 0.0f : __expf(l - mx);
-    weight[s] = w;
-    wsum += w;
-  }
-#pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o /= 2) wsum += __shfl_xor_sync(kFullMask, wsum, o);
-  if (lane == 0) partial[warp] = wsum;
-  __syncthreads();
-  wsum = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) wsum += partial[w];
-  float acc = 0.0f;
-  const float* src = o_part + first * kHeadDim + d;
-#pragma unroll 8
-  for (int s = 0; s < num_splits; ++s) {
-    const float v = src[s * stride * kHeadDim];
-    const float w = weight[s];
-    acc += w > 0.0f ? w * v : 0.0f;
-  }
-  const long long row_index = static_cast<long long>(part_qrow[prow]) * num_heads + head;
-  out[row_index * kHeadDim + d] = from_float<T>(wsum > 0.0f ? acc / wsum : 0.0f);
-  if (d == 0) lse[row_index] = wsum > 0.0f ? mx + __logf(wsum) : -CUDART_INF_F;
+  // The consumers alone meet (named barrier 1; the producer has returned); the ring is free.
+  if (w.num_splits > 1)
+    outs.template merge_splits<kBlockM, kWsConsumers * kWarpgroupThreads>(
+        w, ring, ct, [] { named_barrier_sync(1, kWsConsumers * kWarpgroupThreads); });
 }
 
 // Writes new tokens' K and V into their pages. new_k / new_v: [total_new, kv_heads, head_dim] as

@@ -59,8 +59,8 @@ COPY_BYTES = 16  # one vector copy
 WORK_FIELDS = 3  # work item: (sequence, row tile, first partial row)
 H100_SMEM_PER_BLOCK = 227 * 1024  # opt-in dynamic shared memory limit per block on sm_90
 SM86_SMEM_PER_BLOCK = 99 * 1024  # the same on sm_86 / sm_89 (CI compiles the variants that fit there too)
-MAX_SPLITS = 128  # split-KV count cap; the combine kernel takes any count (one float of smem per split)
-SPLIT_OVERHEAD_TILES = 2  # cost of one split in key tiles: prologue latency, partial write, combine read
+MAX_SPLITS = 128  # split-KV count cap (attention.cu kMaxSplits: the merge keeps one weight per split per warp)
+SPLIT_OVERHEAD_TILES = 2  # cost of one split in key tiles: prologue latency, partial write, merge read
 APPEND_THREADS = 128
 CHECK_THREADS = 256
 CHECK_BLOCKS = 128
@@ -79,7 +79,7 @@ class AttentionConfig(_jit.KernelConfig):
     CTA (the CTA takes 16 * warps packed (query, head) rows); stages: K/V tiles in the cp.async pipeline;
     split_keys: the warps share 16 rows and split each key tile instead (decode), merging at the end;
     wgmma: the Hopper (sm_90a) warp-specialized kernel instead (128 rows, 3 warpgroups; ``warps`` unused).
-    The module also holds the split combine for (dtype, head_dim), the append kernel and the table check.
+    The module also holds the append kernel and the table check.
     """
 
     dtype: str = "float16"
@@ -109,13 +109,14 @@ class AttentionConfig(_jit.KernelConfig):
     def smem_bytes(self) -> int:
         """Dynamic shared memory (the layouts are described in attention.cu). mma.sync kernel: Q tile plus
         kStages K and V tiles, rows padded, or the split-keys merge buffers (fp32 [warps, 16, head_dim +
-        2]) where larger. wgmma kernel (WsLayout): 1024 bytes of alignment slack, kStages swizzled K and V
-        tiles, a full and an empty mbarrier per stage."""
+        2]) or the split merge's weights (16 bytes + MAX_SPLITS floats per warp) where larger. wgmma
+        kernel (WsLayout): 1024 bytes of alignment slack, kStages swizzled K and V tiles (the split merge
+        reuses them), a full and an empty mbarrier per stage."""
         if self.wgmma:
             return 1024 + self.stages * 2 * self.block_n * self.head_dim * _ELEM_BYTES + 2 * self.stages * 8
         tiles = (self.block_m + 2 * self.stages * self.block_n) * (self.head_dim + SMEM_PAD) * _ELEM_BYTES
         merge = self.warps * MMA_M * (self.head_dim + 2) * 4 if self.split_keys else 0
-        return max(tiles, merge)
+        return max(tiles, merge, 16 + self.warps * MAX_SPLITS * 4)
 
     def attention_kernel(self) -> str:
         t = _CUDA_TYPE[self.dtype]
@@ -125,14 +126,11 @@ class AttentionConfig(_jit.KernelConfig):
         return (f"cuflash::attn::paged_attention_kernel<{t}, {self.head_dim}, {self.block_n}, {self.warps}, "
                 f"{self.stages}, {split}>")
 
-    def combine_kernel(self) -> str:
-        return f"cuflash::attn::combine_splits_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}>"
-
     APPEND_KERNEL = "cuflash::attn::paged_kv_append_kernel"
     CHECK_KERNEL = "cuflash::attn::paged_table_check_kernel"
 
     def name_expressions(self) -> tuple[str, ...]:
-        return (self.attention_kernel(), self.combine_kernel(), self.APPEND_KERNEL, self.CHECK_KERNEL)
+        return (self.attention_kernel(), self.APPEND_KERNEL, self.CHECK_KERNEL)
 
     def kernel_name(self) -> str:
         if self.wgmma:
@@ -156,11 +154,6 @@ def use_wgmma(device_id: int) -> bool:
 ROLES = ("prefill", "narrow", "decode")
 
 
-def combine_smem_bytes(num_splits: int, head_dim: int) -> int:
-    """Dynamic shared memory of the split combine: one weight per split, one partial per warp."""
-    return 4 * (num_splits + head_dim // 32)
-
-
 def tile_config(dtype: str, head_dim: int, role: str, max_smem: int = H100_SMEM_PER_BLOCK,
                 hopper: bool = False) -> AttentionConfig:
     """The kernel variant for sequences of one role, a pure function of its arguments.
@@ -181,9 +174,20 @@ def tile_config(dtype: str, head_dim: int, role: str, max_smem: int = H100_SMEM_
     split_keys = False
     if role == "decode":
         # The warps split each key tile (16 keys each) over the same 16 rows: with one row tile per
-        # warp, one warp did all the tensor work of a decode CTA (H100, B=1 S=32768: 76 us, 1.76 TB/s,
-        # and more stages only lowered occupancy: 94 us). d256: 2 warps of 16 keys of 32-key tiles.
-        warps, stages, split_keys = (4 if head_dim <= 128 else 2), 2, True
+        # warp, one warp did all the tensor work of a decode CTA (H100, B=1 S=32768: 76 us, 1.76 TB/s).
+        # d <= 128: 8 warps, 128-key tiles, 3 stages (213 KB at d128, one CTA per SM, 64 KB of K/V in
+        # flight per tile) led an H100 sweep of block_n 32-128, 2-8 warps, 2-6 stages, 1-64 splits on
+        # every decode case of bench_attention (B=1 S=32768 1.94 TB/s against 1.89 for 4 warps, 64-key
+        # tiles, 2 stages; B=16 S=8192 2.61 against 2.56; B=64 S=4096 2.72 against 2.69; GPU time behind the
+        # benchmark's write flush).
+        # Where it does not fit (sm_86/89), and at d64 (unmeasured; 8 warps would also copy more Q rows
+        # per pass than the CTA has), 4 warps of 64-key tiles. d256: 2 warps of 32-key tiles.
+        split_keys = True
+        if head_dim == 128:
+            cfg = AttentionConfig(dtype, head_dim, 128, 8, 3, split_keys)
+            if cfg.smem_bytes <= max_smem:
+                return cfg
+        warps, stages = (4 if head_dim <= 128 else 2), 2
     elif role == "narrow":
         # 4 warps = 64 rows: one CTA holds every query head of a group (group <= 64) of one decode query
         # (or a few queries); only warps holding rows compute, all four stream K/V. Two stages keep
@@ -472,13 +476,17 @@ class AttentionPlan:
         with cp.cuda.Device(self.device_id):
             self._q_indptr = cp.asarray(indptr.astype(np.int32))
             self._work = [cp.asarray(s.work) for s in self.launches]
-            self._part_qrow = [cp.asarray(s.part_qrow if s.n_part_rows else np.zeros(1, np.int32)) for s in self.launches]
-            self._o_part, self._lse_part = [], []
+            self._o_part, self._lse_part, self._counters = [], [], []
             for s in self.launches:
                 n = s.n_part_rows if s.num_splits > 1 else 0
                 self._o_part.append(cp.empty((max(1, s.num_splits * n * self.num_heads * self.head_dim),), cp.float32))
                 self._lse_part.append(cp.empty((max(1, s.num_splits * n * self.num_heads),), cp.float32))
+                # splits done per (work item, kv head); the last one to finish merges and puts it back to 0
+                self._counters.append(cp.zeros((max(1, s.work.shape[0] * self.num_kv_heads),), cp.int32))
             self._lse_scratch = cp.empty((max(1, self.total_q), self.num_heads), cp.float32)
+        self._kernels = [_jit.get_kernel(s.config, s.config.attention_kernel(), self.device_id) for s in self.launches]
+        self._replay_key = None  # the last run's arrays (see run)
+        self._replay_args = None
 
     def __repr__(self):
         parts = ", ".join(f"{s.role}: {s.work.shape[0]} items x {s.num_splits} splits ({s.config.kernel_name()})"
@@ -493,7 +501,17 @@ class AttentionPlan:
         ``check_tables=True`` first checks on the device that every length fits the table and every page
         id a sequence uses lies in [0, num_pages) (one sync; not for graph capture).
         Returns ``out``, or ``(out, lse)`` when ``return_lse``.
+
+        A run with ``out`` given and the same arrays as the plan's previous run (same addresses, shapes,
+        strides, dtypes: a decode loop refilling q and the lengths in place) skips the validation, which
+        that run did, and only launches (host time per call ~80 -> ~20 us on the bench's machine).
         """
+        key = None
+        if out is not None and (lse is not None or not return_lse) and not check_tables:
+            key = interop.replay_key((q, k_pages, v_pages, block_table, kv_lens, out, lse))
+            if key is not None and key == self._replay_key:
+                self._replay()
+                return (out, lse) if return_lse else out
         ctx = interop.call_context(q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table, kv_lens=kv_lens,
                                    out=out, lse=lse)
         if ctx.device_id != self.device_id:
@@ -503,7 +521,8 @@ class AttentionPlan:
         with ctx.device(), ctx.stream:
             qc, kc, vc = ctx.cupy(q), ctx.cupy(k_pages), ctx.cupy(v_pages)
             table, lens = ctx.cupy(block_table), ctx.cupy(kv_lens)
-            if not qc.flags.c_contiguous:
+            copied = not qc.flags.c_contiguous
+            if copied:
                 qc = cp.ascontiguousarray(qc)
             if check_tables:
                 check_tables_on_device(table, lens, self.page_size, int(kc.shape[0]), ctx)
@@ -514,32 +533,43 @@ class AttentionPlan:
                 lse_c = cp.empty((self.total_q, self.num_heads), cp.float32)
             else:
                 lse_c = self._lse_scratch
-            self._launch(ctx, qc, kc, vc, table, lens, out_c, lse_c)
+            launches = self._launches(qc, kc, vc, table, lens, out_c, lse_c)
+            for kernel, grid, threads, args, smem in launches:
+                kernel.launch(grid, threads, args, stream=ctx.stream, smem=smem)
+            # Replayable: the caller's own arrays, none copied (the launches hold them, so their
+            # addresses stay theirs while the plan remembers them).
+            self._replay_key = None if key is None or copied else key
+            self._replay_args = (ctx.torch_in, launches) if self._replay_key is not None else None
             out_ret = out if out is not None else ctx.to_caller(out_c)
             if not return_lse:
                 return out_ret
             return out_ret, (lse if lse is not None else ctx.to_caller(lse_c))
 
-    def _launch(self, ctx, q, k_pages, v_pages, table, lens, out, lse) -> None:
+    def _replay(self) -> None:
+        """The previous run's launches on the caller's current stream (torch's, when torch came in)."""
+        torch_in, launches = self._replay_args
+        if torch_in:
+            stream = interop.torch_current_stream(self.device_id)
+        else:
+            cp = _jit.require_gpu()
+            with cp.cuda.Device(self.device_id):
+                stream = cp.cuda.get_current_stream()
+        for kernel, grid, threads, args, smem in launches:
+            kernel.launch(grid, threads, args, stream=stream, smem=smem)
+
+    def _launches(self, q, k_pages, v_pages, table, lens, out, lse) -> list:
+        """(kernel, grid, threads, args, smem) of each launch of a run on these arrays."""
         scale_log2 = np.float32(self.softmax_scale * math.log2(math.e))
         stride = np.int32(table.shape[1])
-        for spec, work, part_qrow, o_part, lse_part in zip(self.launches, self._work, self._part_qrow, self._o_part,
-                                                           self._lse_part):
-            cfg = spec.config
-            k = _jit.get_kernel(cfg, cfg.attention_kernel(), ctx.device_id)
-            k.launch(
-                (work.shape[0], self.num_kv_heads, spec.num_splits), cfg.threads,
-                (q, k_pages, v_pages, table, stride, lens, self._q_indptr, work, np.int32(self.num_heads),
-                 np.int32(self.group), np.int32(self.page_size), scale_log2, np.int32(self.causal), out, lse, o_part,
-                 lse_part, np.int32(spec.n_part_rows)),
-                stream=ctx.stream, smem=cfg.smem_bytes,
-            )
-            if spec.num_splits > 1:
-                c = _jit.get_kernel(cfg, cfg.combine_kernel(), ctx.device_id)
-                c.launch((spec.n_part_rows, self.num_heads), self.head_dim,
-                         (o_part, lse_part, part_qrow, np.int32(spec.n_part_rows), np.int32(self.num_heads),
-                          np.int32(spec.num_splits), out, lse), stream=ctx.stream,
-                         smem=combine_smem_bytes(spec.num_splits, self.head_dim))
+        launches = []
+        for spec, kernel, work, o_part, lse_part, counters in zip(self.launches, self._kernels, self._work, self._o_part,
+                                                                   self._lse_part, self._counters):
+            args = (q, k_pages, v_pages, table, stride, lens, self._q_indptr, work, np.int32(self.num_heads),
+                    np.int32(self.group), np.int32(self.page_size), scale_log2, np.int32(self.causal), out, lse, o_part,
+                    lse_part, np.int32(spec.n_part_rows), counters)
+            launches.append((kernel, (work.shape[0], self.num_kv_heads, spec.num_splits), spec.config.threads, args,
+                             spec.config.smem_bytes))
+        return launches
 
     def _check_run_args(self, q, k_pages, v_pages, block_table, kv_lens, out, lse) -> None:
         dt = _check_float_dtype("q", q)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -809,29 +808,11 @@ _LAUNCH_CACHE_SIZE = 128
 _launch_cache: collections.OrderedDict = collections.OrderedDict()
 
 
-def _array_key(x, tensor_type, ndarray_type):
-    """What identifies an operand for replay: its address (device pointers are unique within a
-    process), shape, strides and dtype. Exact type checks first: this runs for every operand of
-    every call (40 tensors for 8 W4A4 groups), and isinstance on torch.Tensor is slow."""
-    t = type(x)
-    if t is list or t is tuple:
-        return tuple([_array_key(v, tensor_type, ndarray_type) for v in x])
-    if x is None:
-        return None
-    if t is tensor_type or (tensor_type is not None and isinstance(x, tensor_type)):
-        return (x.data_ptr(), x.shape, x.stride(), x.dtype)
-    if t is ndarray_type or (ndarray_type is not None and isinstance(x, ndarray_type)):
-        return (x.data.ptr, x.shape, x.strides, x.dtype)
-    raise TypeError  # not a GPU array: the full path validates and explains
-
-
 def _launch_key(kind: str, arrays: tuple, options: tuple):
     """Cache key of a call, or None when it is not cacheable (no `out`, or non-GPU arguments).
     Host overhead per call (ms-scale calls are timed back to back): ~1 us per operand."""
-    torch, cp = sys.modules.get("torch"), sys.modules.get("cupy")
-    try:
-        key = _array_key(arrays, torch.Tensor if torch is not None else None, cp.ndarray if cp is not None else None)
-    except TypeError:
+    key = interop.replay_key(arrays)
+    if key is None:
         return None
     return (kind, key, options, os.environ.get(WGMMA_ENV))  # the env var picks the kernel
 

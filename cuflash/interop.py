@@ -45,6 +45,34 @@ def torch_current_stream(device_id: int):
     return stream
 
 
+def _array_key(x, tensor_type, ndarray_type):
+    t = type(x)
+    if t is list or t is tuple:
+        return tuple([_array_key(v, tensor_type, ndarray_type) for v in x])
+    if x is None:
+        return None
+    if t is tensor_type or (tensor_type is not None and isinstance(x, tensor_type)):
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype)
+    if t is ndarray_type or (ndarray_type is not None and isinstance(x, ndarray_type)):
+        return (x.data.ptr, x.shape, x.strides, x.dtype)
+    raise TypeError  # not a GPU array: the full path validates and explains
+
+
+def replay_key(arrays):
+    """What identifies a call's arrays (nested tuples / lists, None allowed) when a validated launch is
+    replayed: per array its address (device pointers are unique within a process), shape, strides and
+    dtype; None when one is neither a CuPy array nor a torch tensor (the full path explains). Exact type
+    checks first: this runs for every operand of every call (40 tensors for 8 W4A4 groups), and
+    isinstance on torch.Tensor is slow. ~1 us per array."""
+    import sys
+
+    torch, cp = sys.modules.get("torch"), sys.modules.get("cupy")
+    try:
+        return _array_key(arrays, torch.Tensor if torch is not None else None, cp.ndarray if cp is not None else None)
+    except TypeError:
+        return None
+
+
 def is_torch_tensor(x) -> bool:
     torch = _torch_module()
     return torch is not None and isinstance(x, torch.Tensor)

@@ -614,6 +614,37 @@ def test_graph_replay_with_new_lengths(cp, rng):
 
 
 @pytest.mark.gpu
+def test_plan_replays_same_arrays(cp, rng):
+    # A run with the arrays of the plan's previous run skips validation and only launches: new q
+    # values and lengths written in place must show, the split merge's counters must be re-armed
+    # (splits > 1 here), and other arrays (a new `out`, a bad one) go through the full path.
+    heads, kvh, d, ps, max_len = 8, 2, 128, 16, 3000
+    kp, vp, table = make_cache(rng, [max_len, max_len], page_size=ps, kv_heads=kvh, head_dim=d, dtype="float16")
+    gk, gv, gt = _to_gpu(cp, kp, vp, table)
+    plan = A.AttentionPlan(None, None, max_kv_len=max_len, batch=2, num_heads=heads, num_kv_heads=kvh, head_dim=d,
+                           page_size=ps, dtype="float16", max_pages_per_seq=table.shape[1])
+    assert plan.launches[0].num_splits > 1
+    gq = cp.empty((2, heads, d), cp.float16)
+    lens = cp.empty(2, cp.int32)
+    out = cp.empty((2, heads, d), cp.float16)
+    lse = cp.empty((2, heads), cp.float32)
+    for new_lens in ([3000, 17], [1, 2999], [1500, 1501]):
+        q = make_q(rng, 2, heads, d, "float16")
+        gq.set(q)
+        lens.set(np.array(new_lens, np.int32))
+        out.fill(np.nan)
+        lse.fill(np.nan)
+        res = plan.run(gq, gk, gv, gt, lens, out=out, lse=lse, return_lse=True)
+        assert res[0] is out and res[1] is lse
+        check_close(out.get(), lse.get(), q, kp, vp, table, np.array(new_lens), None, "float16")
+    other = cp.full_like(out, np.nan)
+    plan.run(gq, gk, gv, gt, lens, out=other)
+    check_close(other.get(), None, q, kp, vp, table, np.array(new_lens), None, "float16")
+    with pytest.raises(TypeError, match="out"):
+        plan.run(gq, gk, gv, gt, lens, out=cp.empty((2, heads, d), cp.float32))
+
+
+@pytest.mark.gpu
 def test_plan_reuse_and_lse_return(cp, rng):
     kv_lens, q_lens = [60, 9], [4, 9]
     kp, vp, table = make_cache(rng, kv_lens, page_size=8, kv_heads=2, head_dim=64, dtype="float16")

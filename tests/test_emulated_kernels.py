@@ -41,7 +41,7 @@ _ATTN_PICKS = [(dt, ATTN_HEAD_DIM) for dt in ATTN_DTYPES] + [("bfloat16", 128), 
 ATTN_CONFIGS = list(dict.fromkeys(A.tile_config(dt, d, role, hopper=hopper) for dt, d in _ATTN_PICKS
                                    for role in A.ROLES for hopper in (False, True)))
 ATTN_KERNELS = list(dict.fromkeys(
-    [k for c in ATTN_CONFIGS for k in (c.attention_kernel(), c.combine_kernel())] + [A.AttentionConfig.APPEND_KERNEL]
+    [c.attention_kernel() for c in ATTN_CONFIGS] + [A.AttentionConfig.APPEND_KERNEL]
 ))
 
 
@@ -388,9 +388,9 @@ def _attention_inputs(rng, q_lens, kv_lens, heads, kv_heads, d, page, dtype):
 
 
 def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, schedule, causal=True, hopper=False):
-    """AttentionPlan._launch on the host: partition() gives the launches; ``slots`` stands in for the
-    GPU's resident-CTA count (a large value makes partition split the keys); ``hopper`` picks the
-    wgmma prefill kernel."""
+    """AttentionPlan's launches on the host: partition() gives them; ``slots`` stands in for the GPU's
+    resident-CTA count (a large value makes partition split the keys, merged by the last split CTA of
+    each item, which puts its counter back to 0); ``hopper`` picks the wgmma prefill kernel."""
     total_q, heads, d = q.shape
     kv_heads, page_size = kp.shape[2], kp.shape[1]
     group = heads // kv_heads
@@ -405,16 +405,12 @@ def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, sch
         n = spec.n_part_rows if spec.num_splits > 1 else 0
         o_part = np.full(max(1, spec.num_splits * n * heads * d), np.nan, np.float32)
         lse_part = np.full(max(1, spec.num_splits * n * heads), np.nan, np.float32)
-        part_qrow = spec.part_qrow if spec.n_part_rows else np.zeros(1, np.int32)
+        counters = np.zeros(spec.work.shape[0] * kv_heads, np.int32)
         at.launch(cfg.attention_kernel(), (spec.work.shape[0], kv_heads, spec.num_splits), cfg.threads,
                   [q, kp, vp, table, np.int32(table.shape[1]), kv_lens, q_indptr, np.ascontiguousarray(spec.work),
                    np.int32(heads), np.int32(group), np.int32(page_size), scale_log2, np.int32(causal), out, lse,
-                   o_part, lse_part, np.int32(spec.n_part_rows)], smem=cfg.smem_bytes, schedule=schedule)
-        if spec.num_splits > 1:
-            at.launch(cfg.combine_kernel(), (spec.n_part_rows, heads), d,
-                      [o_part, lse_part, part_qrow, np.int32(spec.n_part_rows), np.int32(heads),
-                       np.int32(spec.num_splits), out, lse], smem=A.combine_smem_bytes(spec.num_splits, d),
-                      schedule=schedule)
+                   o_part, lse_part, np.int32(spec.n_part_rows), counters], smem=cfg.smem_bytes, schedule=schedule)
+        assert not counters.any(), "a split merge left its counter armed"
     return out, lse, specs
 
 

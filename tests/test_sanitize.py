@@ -46,6 +46,12 @@ def test_sanitize_attention_split_decode(cp, rng):
     T.run_case(cp, rng, [2049, 1, 130], None, heads=8, kv_heads=2, d=128, page_size=16, dtype="bfloat16")
 
 
+@pytest.mark.parametrize("d", [128, 256])  # 128: the wgmma prefill kernel on sm_90a; 256: mma.sync
+def test_sanitize_attention_split_prefill(cp, rng, d):
+    # few CTAs over long caches: the prefill rows split the keys too, merged by the last split CTA
+    T.run_case(cp, rng, [1000, 300], [70, 1], heads=8, kv_heads=2, d=d, page_size=16, dtype="float16")
+
+
 def test_sanitize_append_and_table_check(cp, rng):
     T.test_append_kernel(cp, rng, 5)
     T.test_check_tables_on_device(cp, rng)

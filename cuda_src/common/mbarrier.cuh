@@ -50,4 +50,10 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
   } while (!done);
 }
 
+// Named barrier `id` (1..15; 0 is __syncthreads) for `threads` threads (a multiple of 32): a subset of
+// the CTA, e.g. the consumer warpgroups of a warp-specialized kernel, meets without the producer.
+__device__ __forceinline__ void named_barrier_sync(unsigned id, unsigned threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 }  // namespace cuflash

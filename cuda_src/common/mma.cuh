@@ -38,6 +38,23 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
                : "memory");
 }
 
+// An L2 access policy that marks lines first to go (streamed data read once: the K/V of a decode
+// call), so streaming does not push other lines, dirty ones included, out of L2.
+__device__ __forceinline__ unsigned long long l2_evict_first_policy() {
+  unsigned long long policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// cp_async_16_zfill with an L2 cache policy (l2_evict_first_policy).
+__device__ __forceinline__ void cp_async_16_zfill_hint(void* smem, const void* gmem, bool valid,
+                                                       unsigned long long policy) {
+  const int src_bytes = valid ? kCopyBytes : 0;
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(src_bytes), "l"(policy)
+               : "memory");
+}
+
 // 4-byte global -> shared copy (.ca: the only cache mode that allows sizes below 16).
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");

@@ -109,6 +109,7 @@ struct State {
   std::vector<unsigned long> landed_at;        // per shared byte: clock when cp.async last landed it
   unsigned long clock = 0;                     // ticks at every landing and every proxy fence
   std::map<size_t, MBarrier> mbars;  // this block's initialised mbarriers by shared-memory offset (nodes never move)
+  std::map<unsigned, Barrier> named_bars;  // bar.sync id, count (id > 0) of this block, by id (nodes never move)
   Barrier block_bar;
   int exited = 0;
   ucontext_t sched;
@@ -371,6 +372,8 @@ inline int atomicAdd(int* p, int v) { int o = *p; *p = o + v; return o; }
 inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+inline void __threadfence() {}  // blocks run one after another: every earlier write is visible
 
 // prmt (default mode) as __byte_perm: result byte i = byte (s >> 4i) & 7 of {y, x} (x = bytes 0..3).
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
@@ -502,6 +505,7 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem, void (*body)(void*),
         std::fill(s.unfenced_owner.begin(), s.unfenced_owner.end(), 0);
         std::fill(s.landed_at.begin(), s.landed_at.end(), 0);
         s.mbars.clear();  // mbarriers live in shared memory: each block initialises its own
+        s.named_bars.clear();
         for (long long i = 0; i < n; ++i) {
           Fiber& f = s.fibers[i];
           f = Fiber{};

@@ -94,4 +94,20 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
                                        ", count " + std::to_string(m.phase.expected) + ")");
 }
 
+// bar.sync id, threads (PTX ISA "bar, barrier"): the first `threads` arrivals at barrier `id` release
+// each other. Checks: 1 <= id <= 15, a whole number of warps within the block, one count per id.
+__device__ __forceinline__ void named_barrier_sync(unsigned id, unsigned threads) {
+  ::cuemu::State& s = ::cuemu::S();
+  const unsigned block = s.block.x * s.block.y * s.block.z;
+  if (id < 1 || id > 15) ::cuemu::fail("bar.sync: id " + std::to_string(id) + " outside 1..15");
+  if (threads == 0 || threads % 32 != 0 || threads > block)
+    ::cuemu::fail("bar.sync: thread count " + std::to_string(threads) + " not a whole number of warps of the block");
+  ::cuemu::Barrier& b = s.named_bars[id];
+  if (b.expected == 0) b.expected = static_cast<int>(threads);
+  if (b.expected != static_cast<int>(threads))
+    ::cuemu::fail("bar.sync " + std::to_string(id) + ": counts " + std::to_string(b.expected) + " and " +
+                  std::to_string(threads) + " used together");
+  ::cuemu::wait_on(b);
+}
+
 }  // namespace cuflash

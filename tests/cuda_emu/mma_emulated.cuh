@@ -40,6 +40,15 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
   ::cuemu::cp_async(smem, gmem, 16, !valid);
 }
 
+// An L2 eviction priority changes no value: the policy is an opaque word the copies ignore here.
+__device__ __forceinline__ unsigned long long l2_evict_first_policy() { return 0x5eedull; }
+
+__device__ __forceinline__ void cp_async_16_zfill_hint(void* smem, const void* gmem, bool valid,
+                                                       unsigned long long policy) {
+  if (policy != l2_evict_first_policy()) ::cuemu::fail("cp.async L2::cache_hint: policy not made by createpolicy");
+  cp_async_16_zfill(smem, gmem, valid);
+}
+
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
   ::cuemu::check_smem(smem, 4, 4, "cp.async.ca 4");
   ::cuemu::check_align(gmem, 4, "cp.async.ca 4");
