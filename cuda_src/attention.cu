@@ -153,14 +153,17 @@ struct Outputs {
   // the num_splits CTAs of this (work item, kv head) to finish merges all splits of the item's rows:
   // out = sum_s w_s o_s / sum_s w_s, w_s = exp(lse_s - max lse), lse = max lse + ln(sum_s w_s). A
   // split that saw no key (lse -inf) has weight 0; a row no split saw gets 0 and -inf. That CTA puts
-  // the counter back to 0, so the next launch (a CUDA graph replay) starts clean. `scratch`: 16 bytes
-  // plus kMaxSplits floats per warp of shared memory no thread uses any more; `sync`: a barrier of the
-  // kThreads threads calling this (thread index tid). A separate combine kernel cost B=1 S=32768 decode
-  // a second launch and its ramp (H100: ~7 us of ~70).
+  // the counter back to 0, so the next launch (a CUDA graph replay) starts clean. `scratch`: merge_bytes
+  // of shared memory no thread uses any more; `sync`: a barrier of the kThreads threads calling this
+  // (thread index tid). A separate combine kernel cost B=1 S=32768 decode a second launch and its ramp
+  // (H100: ~7 us of ~70). Every row and column is merged at once (first the rows' weights, then all
+  // (row, 4-column) pairs, each thread's loads independent): merging one row after another cost a
+  // 128-row prefill item ~2 dependent L2 round trips per row (H100, S=16384 with 2 splits: 5.8 -> 6.3 ms).
   template <int kBlockM, int kThreads, typename Sync>
   __device__ __forceinline__ void merge_splits(const WorkItem& w, unsigned char* scratch, int tid, Sync sync) const {
-    constexpr int kWarps = kThreads / kWarpSize;
-    constexpr int kQuads = kHeadDim / 4;  // float4 columns of a row
+    constexpr int kQuads = kHeadDim / 4;              // float4 columns of a row
+    constexpr int kChunk = 8;                         // (row, float4 column) pairs a thread keeps in flight
+    constexpr int kPairsPerPass = kThreads * kChunk;
     __threadfence();  // this thread's partials reach device scope before the CTA counts itself done
     sync();
     int* is_last = reinterpret_cast<int*>(scratch);
@@ -173,53 +176,69 @@ struct Outputs {
     sync();
     if (!*is_last) return;
     __threadfence();  // the other splits' partials, read below past L1 (__ldcg)
-    const int warp = tid / kWarpSize, lane = tid % kWarpSize;
-    float* weight = reinterpret_cast<float*>(scratch + 16) + warp * kMaxSplits;
+    const int ns = w.num_splits, n_rows = min(kBlockM, w.rows - w.m0);
+    float* weight = reinterpret_cast<float*>(scratch + 16);  // [n_rows][ns]
+    float* inv_sum = weight + kBlockM * kMaxSplits;         // [n_rows]
     const long long split_rows = static_cast<long long>(n_part_rows) * w.num_heads;  // partial rows per split
-    const int n_rows = min(kBlockM, w.rows - w.m0);
-    for (int i = warp; i < n_rows; i += kWarps) {
+    // Partial row (split 0) of merged row i.
+    auto part_row = [&](int i) {
       const int r = w.m0 + i, qi = r / w.group;
-      const long long prow =
-          static_cast<long long>(w.part_base + qi) * w.num_heads + w.kv_head * w.group + (r - qi * w.group);
+      return static_cast<long long>(w.part_base + qi) * w.num_heads + w.kv_head * w.group + (r - qi * w.group);
+    };
+    for (int i = tid; i < n_rows; i += kThreads) {
+      const long long prow = part_row(i);
+      float* wi = weight + i * ns;
       float mx = -CUDART_INF_F;
-      for (int s = lane; s < w.num_splits; s += kWarpSize) {
+#pragma unroll 8
+      for (int s = 0; s < ns; ++s) {
         const float l = __ldcg(lse_part + prow + s * split_rows);
-        weight[s] = l;
+        wi[s] = l;
         mx = fmaxf(mx, l);
       }
-#pragma unroll
-      for (int o = kWarpSize / 2; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
       float sum = 0.0f;
-      for (int s = lane; s < w.num_splits; s += kWarpSize) {
-        const float l = weight[s];
-        const float e = l == -CUDART_INF_F ? 0.0f : __expf(l - mx);  // mx is finite when any l is
-        weight[s] = e;
+      for (int s = 0; s < ns; ++s) {
+        const float e = wi[s] == -CUDART_INF_F ? 0.0f : __expf(wi[s] - mx);  // mx is finite when any l is
+        wi[s] = e;
         sum += e;
       }
+      inv_sum[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
+      lse[w.q_row(w.m0 + i)] = sum > 0.0f ? mx + __logf(sum) : -CUDART_INF_F;
+    }
+    sync();
+    const int n_pairs = n_rows * kQuads;
+    for (int base = 0; base < n_pairs; base += kPairsPerPass) {
+      float4 acc[kChunk];
+      long long src[kChunk];  // float4 index of the pair's split-0 partial
+      int row[kChunk];
 #pragma unroll
-      for (int o = kWarpSize / 2; o > 0; o /= 2) sum += __shfl_xor_sync(kFullMask, sum, o);
-      __syncwarp();  // the weights, visible to the whole warp
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-      const long long q = w.q_row(r);
-      const float4* src = reinterpret_cast<const float4*>(o_part + prow * kHeadDim);
-      for (int c = lane; c < kQuads; c += kWarpSize) {
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 4
-        for (int s = 0; s < w.num_splits; ++s) {
-          const float ws = weight[s];
+      for (int k = 0; k < kChunk; ++k) {
+        const int p = base + k * kThreads + tid;
+        row[k] = p < n_pairs ? p / kQuads : -1;
+        src[k] = row[k] >= 0 ? part_row(row[k]) * kQuads + p % kQuads : 0;
+        acc[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll 2
+      for (int s = 0; s < ns; ++s) {
+#pragma unroll
+        for (int k = 0; k < kChunk; ++k) {
+          const float ws = row[k] >= 0 ? weight[row[k] * ns + s] : 0.0f;
           if (ws > 0.0f) {
-            const float4 v = __ldcg(src + s * split_rows * kQuads + c);
-            acc.x += ws * v.x;
-            acc.y += ws * v.y;
-            acc.z += ws * v.z;
-            acc.w += ws * v.w;
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(o_part) + src[k] + s * split_rows * kQuads);
+            acc[k].x += ws * v.x;
+            acc[k].y += ws * v.y;
+            acc[k].z += ws * v.z;
+            acc[k].w += ws * v.w;
           }
         }
-        *reinterpret_cast<uint2*>(out + q * kHeadDim + 4 * c) =
-            make_uint2(pack2<T>(acc.x * inv, acc.y * inv), pack2<T>(acc.z * inv, acc.w * inv));
       }
-      if (lane == 0) lse[q] = sum > 0.0f ? mx + __logf(sum) : -CUDART_INF_F;
-      __syncwarp();  // every lane is done with the weights before the next row's
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) {
+        if (row[k] < 0) continue;
+        const float inv = inv_sum[row[k]];
+        const int c = (base + k * kThreads + tid) % kQuads;
+        *reinterpret_cast<uint2*>(out + w.q_row(w.m0 + row[k]) * kHeadDim + 4 * c) =
+            make_uint2(pack2<T>(acc[k].x * inv, acc[k].y * inv), pack2<T>(acc[k].z * inv, acc[k].w * inv));
+      }
     }
   }
 };
@@ -487,7 +506,9 @@ struct WsLayout {
   }
 };
 
-template <typename T, int kHeadDim, int kBlockN, int kStages>
+// kSplitMerge: the variant launched with several KV splits (gridDim.z > 1), which merges them at the
+// end; the plain one leaves the merge's code out of the kernel (H100, B=8 S=2048 prefill: ~2% faster).
+template <typename T, int kHeadDim, int kBlockN, int kStages, bool kSplitMerge>
 __global__ void __launch_bounds__(kWsThreads, 1)
     paged_attention_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages,
                                  const int* __restrict__ block_table, int table_stride, const int* __restrict__ kv_lens,
@@ -511,6 +532,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   unsigned long long* empty = full + kStages;
 
   const int tid = threadIdx.x;
+  if (!kSplitMerge && gridDim.z > 1) __trap();  // the plan launches the merging variant for splits
   const WorkItem w = load_work_item<kBlockM, kBlockN>(work, q_indptr, kv_lens, num_heads, group, causal);
   if (w.m0 >= w.rows) return;  // uniform over the CTA
   const int n_tiles = w.n_tiles;
@@ -678,9 +700,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const Outputs<T, kHeadDim> outs{out, lse, o_part, lse_part, n_part_rows, counters};
   outs.store_fragment(w, warp_row0 + g, t, o4, row_lse);
   // The consumers alone meet (named barrier 1; the producer has returned); the ring is free.
-  if (w.num_splits > 1)
-    outs.template merge_splits<kBlockM, kWsConsumers * kWarpgroupThreads>(
-        w, ring, ct, [] { named_barrier_sync(1, kWsConsumers * kWarpgroupThreads); });
+  if constexpr (kSplitMerge) {
+    if (w.num_splits > 1)
+      outs.template merge_splits<kBlockM, kWsConsumers * kWarpgroupThreads>(
+          w, ring, ct, [] { named_barrier_sync(1, kWsConsumers * kWarpgroupThreads); });
+  }
 }
 
 // Writes new tokens' K and V into their pages. new_k / new_v: [total_new, kv_heads, head_dim] as

@@ -61,6 +61,9 @@ H100_SMEM_PER_BLOCK = 227 * 1024  # opt-in dynamic shared memory limit per block
 SM86_SMEM_PER_BLOCK = 99 * 1024  # the same on sm_86 / sm_89 (CI compiles the variants that fit there too)
 MAX_SPLITS = 128  # split-KV count cap (attention.cu kMaxSplits: the merge keeps one weight per split per warp)
 SPLIT_OVERHEAD_TILES = 2  # cost of one split in key tiles: prologue latency, partial write, merge read
+# More splits must beat the best fewer by 5%: the model cannot see the partials' traffic, and H100
+# S=16384 prefill took 2 splits for a 0.05% predicted gain (4096 CTAs: 4158 against 4160 tile-times).
+SPLIT_MIN_GAIN = 0.95
 APPEND_THREADS = 128
 CHECK_THREADS = 256
 CHECK_BLOCKS = 128
@@ -109,19 +112,31 @@ class AttentionConfig(_jit.KernelConfig):
     def smem_bytes(self) -> int:
         """Dynamic shared memory (the layouts are described in attention.cu). mma.sync kernel: Q tile plus
         kStages K and V tiles, rows padded, or the split-keys merge buffers (fp32 [warps, 16, head_dim +
-        2]) or the split merge's weights (16 bytes + MAX_SPLITS floats per warp) where larger. wgmma
-        kernel (WsLayout): 1024 bytes of alignment slack, kStages swizzled K and V tiles (the split merge
-        reuses them), a full and an empty mbarrier per stage."""
+        2]) or the split merge's scratch (merge_bytes) where larger. wgmma kernel (WsLayout): 1024 bytes
+        of alignment slack, kStages swizzled K and V tiles (the split merge reuses them), a full and an
+        empty mbarrier per stage."""
         if self.wgmma:
-            return 1024 + self.stages * 2 * self.block_n * self.head_dim * _ELEM_BYTES + 2 * self.stages * 8
+            ring = self.stages * 2 * self.block_n * self.head_dim * _ELEM_BYTES
+            assert ring >= self.merge_bytes
+            return 1024 + ring + 2 * self.stages * 8
         tiles = (self.block_m + 2 * self.stages * self.block_n) * (self.head_dim + SMEM_PAD) * _ELEM_BYTES
         merge = self.warps * MMA_M * (self.head_dim + 2) * 4 if self.split_keys else 0
-        return max(tiles, merge, 16 + self.warps * MAX_SPLITS * 4)
+        return max(tiles, merge, self.merge_bytes)
 
-    def attention_kernel(self) -> str:
+    @property
+    def merge_bytes(self) -> int:
+        """Shared memory of the fused split merge (attention.cu Outputs::merge_splits): a flag (16 bytes),
+        MAX_SPLITS weights and one inverse sum per row."""
+        return 16 + self.block_m * (MAX_SPLITS + 1) * 4
+
+    def attention_kernel(self, splits: bool = True) -> str:
+        """The kernel for launches with several KV splits (``splits``) or one; only the wgmma kernel has a
+        variant without the split merge."""
         t = _CUDA_TYPE[self.dtype]
         if self.wgmma:
-            return f"cuflash::attn::paged_attention_wgmma_kernel<{t}, {self.head_dim}, {self.block_n}, {self.stages}>"
+            merge = "true" if splits else "false"
+            return (f"cuflash::attn::paged_attention_wgmma_kernel<{t}, {self.head_dim}, {self.block_n}, {self.stages}, "
+                    f"{merge}>")
         split = "true" if self.split_keys else "false"
         return (f"cuflash::attn::paged_attention_kernel<{t}, {self.head_dim}, {self.block_n}, {self.warps}, "
                 f"{self.stages}, {split}>")
@@ -130,7 +145,8 @@ class AttentionConfig(_jit.KernelConfig):
     CHECK_KERNEL = "cuflash::attn::paged_table_check_kernel"
 
     def name_expressions(self) -> tuple[str, ...]:
-        return (self.attention_kernel(), self.APPEND_KERNEL, self.CHECK_KERNEL)
+        kernels = (self.attention_kernel(True), self.attention_kernel(False)) if self.wgmma else (self.attention_kernel(),)
+        return (*kernels, self.APPEND_KERNEL, self.CHECK_KERNEL)
 
     def kernel_name(self) -> str:
         if self.wgmma:
@@ -235,7 +251,7 @@ def choose_num_splits(n_ctas: int, max_tiles: int, slots: int) -> int:
     ``max_tiles`` key tiles, on a GPU holding ``slots`` CTAs at once (SMs x CTAs per SM).
 
     Cost model: time ~ waves x per-CTA time = ceil(n_ctas * S / slots) * (ceil(max_tiles / S) +
-    SPLIT_OVERHEAD_TILES); the smallest S of least cost wins. B=1, 8 kv heads, 32k keys on 264 slots
+    SPLIT_OVERHEAD_TILES); a larger S wins only below SPLIT_MIN_GAIN times the best cost so far. B=1, 8 kv heads, 32k keys on 264 slots
     gives 32 splits (256 CTAs, one wave); 128 CTAs of 128 tiles give 2 (a third split would start a second
     wave); 512 CTAs give 1.
     """
@@ -244,7 +260,7 @@ def choose_num_splits(n_ctas: int, max_tiles: int, slots: int) -> int:
     best, best_cost = 1, None
     for s in range(1, min(MAX_SPLITS, max_tiles) + 1):
         cost = math.ceil(n_ctas * s / slots) * (math.ceil(max_tiles / s) + SPLIT_OVERHEAD_TILES)
-        if best_cost is None or cost < best_cost:
+        if best_cost is None or cost < SPLIT_MIN_GAIN * best_cost:
             best, best_cost = s, cost
     return best
 
@@ -484,7 +500,8 @@ class AttentionPlan:
                 # splits done per (work item, kv head); the last one to finish merges and puts it back to 0
                 self._counters.append(cp.zeros((max(1, s.work.shape[0] * self.num_kv_heads),), cp.int32))
             self._lse_scratch = cp.empty((max(1, self.total_q), self.num_heads), cp.float32)
-        self._kernels = [_jit.get_kernel(s.config, s.config.attention_kernel(), self.device_id) for s in self.launches]
+        self._kernels = [_jit.get_kernel(s.config, s.config.attention_kernel(s.num_splits > 1), self.device_id)
+                         for s in self.launches]
         self._replay_key = None  # the last run's arrays (see run)
         self._replay_args = None
 

@@ -41,7 +41,7 @@ _ATTN_PICKS = [(dt, ATTN_HEAD_DIM) for dt in ATTN_DTYPES] + [("bfloat16", 128), 
 ATTN_CONFIGS = list(dict.fromkeys(A.tile_config(dt, d, role, hopper=hopper) for dt, d in _ATTN_PICKS
                                    for role in A.ROLES for hopper in (False, True)))
 ATTN_KERNELS = list(dict.fromkeys(
-    [c.attention_kernel() for c in ATTN_CONFIGS] + [A.AttentionConfig.APPEND_KERNEL]
+    [c.attention_kernel(split) for c in ATTN_CONFIGS for split in (True, False)] + [A.AttentionConfig.APPEND_KERNEL]
 ))
 
 
@@ -406,7 +406,7 @@ def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, sch
         o_part = np.full(max(1, spec.num_splits * n * heads * d), np.nan, np.float32)
         lse_part = np.full(max(1, spec.num_splits * n * heads), np.nan, np.float32)
         counters = np.zeros(spec.work.shape[0] * kv_heads, np.int32)
-        at.launch(cfg.attention_kernel(), (spec.work.shape[0], kv_heads, spec.num_splits), cfg.threads,
+        at.launch(cfg.attention_kernel(spec.num_splits > 1), (spec.work.shape[0], kv_heads, spec.num_splits), cfg.threads,
                   [q, kp, vp, table, np.int32(table.shape[1]), kv_lens, q_indptr, np.ascontiguousarray(spec.work),
                    np.int32(heads), np.int32(group), np.int32(page_size), scale_log2, np.int32(causal), out, lse,
                    o_part, lse_part, np.int32(spec.n_part_rows), counters], smem=cfg.smem_bytes, schedule=schedule)

@@ -374,6 +374,7 @@ inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; 
 template <typename T> inline T __ldg(const T* p) { return *p; }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 inline void __threadfence() {}  // blocks run one after another: every earlier write is visible
+inline void __trap() { ::cuemu::fail("__trap() called"); }
 
 // prmt (default mode) as __byte_perm: result byte i = byte (s >> 4i) & 7 of {y, x} (x = bytes 0..3).
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
