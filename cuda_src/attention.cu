@@ -162,7 +162,10 @@ struct Outputs {
   template <int kBlockM, int kThreads, typename Sync>
   __device__ __forceinline__ void merge_splits(const WorkItem& w, unsigned char* scratch, int tid, Sync sync) const {
     constexpr int kQuads = kHeadDim / 4;              // float4 columns of a row
-    constexpr int kChunk = 8;                         // (row, float4 column) pairs a thread keeps in flight
+    // A thread merges kChunk (row, float4 column) pairs at a time, kSplitStep splits each: 16 loads in
+    // flight (decode: 2 pairs x 8 splits; a 128-row prefill item: 8 pairs x 2 splits).
+    constexpr int kChunk = ceil_div(kBlockM * kQuads, kThreads) < 8 ? ceil_div(kBlockM * kQuads, kThreads) : 8;
+    constexpr int kSplitStep = 16 / kChunk;
     constexpr int kPairsPerPass = kThreads * kChunk;
     __threadfence();  // this thread's partials reach device scope before the CTA counts itself done
     sync();
@@ -189,7 +192,7 @@ struct Outputs {
       const long long prow = part_row(i);
       float* wi = weight + i * ns;
       float mx = -CUDART_INF_F;
-#pragma unroll 8
+#pragma unroll 16
       for (int s = 0; s < ns; ++s) {
         const float l = __ldcg(lse_part + prow + s * split_rows);
         wi[s] = l;
@@ -217,17 +220,20 @@ struct Outputs {
         src[k] = row[k] >= 0 ? part_row(row[k]) * kQuads + p % kQuads : 0;
         acc[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
-#pragma unroll 2
-      for (int s = 0; s < ns; ++s) {
+      for (int s0 = 0; s0 < ns; s0 += kSplitStep) {
 #pragma unroll
-        for (int k = 0; k < kChunk; ++k) {
-          const float ws = row[k] >= 0 ? weight[row[k] * ns + s] : 0.0f;
-          if (ws > 0.0f) {
-            const float4 v = __ldcg(reinterpret_cast<const float4*>(o_part) + src[k] + s * split_rows * kQuads);
-            acc[k].x += ws * v.x;
-            acc[k].y += ws * v.y;
-            acc[k].z += ws * v.z;
-            acc[k].w += ws * v.w;
+        for (int u = 0; u < kSplitStep; ++u) {
+          const int s = s0 + u;
+#pragma unroll
+          for (int k = 0; k < kChunk; ++k) {
+            const float ws = row[k] >= 0 && s < ns ? weight[row[k] * ns + s] : 0.0f;
+            if (ws > 0.0f) {
+              const float4 v = __ldcg(reinterpret_cast<const float4*>(o_part) + src[k] + s * split_rows * kQuads);
+              acc[k].x += ws * v.x;
+              acc[k].y += ws * v.y;
+              acc[k].z += ws * v.z;
+              acc[k].w += ws * v.w;
+            }
           }
         }
       }
