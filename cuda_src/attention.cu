@@ -64,11 +64,14 @@ struct WorkItem {
   __device__ __forceinline__ int last_key(int r) const {
     return r < rows ? last_visible_key(r / group, q_len, kv_len, causal) : -1;
   }
-  // Row of q / out / lse ([total_q * num_heads]) of packed row r < rows.
-  __device__ __forceinline__ long long q_row(int r) const {
+  // (query, head) row of packed row r when this sequence's queries start at row `first` of a
+  // [queries, num_heads] array: q / out / lse (first = q_start) or one split's partials.
+  __device__ __forceinline__ long long head_row(long long first, int r) const {
     const int qi = r / group;
-    return static_cast<long long>(q_start + qi) * num_heads + kv_head * group + (r - qi * group);
+    return (first + qi) * num_heads + kv_head * group + (r - qi * group);
   }
+  // Row of q / out / lse ([total_q * num_heads]) of packed row r < rows.
+  __device__ __forceinline__ long long q_row(int r) const { return head_row(q_start, r); }
 };
 
 // The work item of this CTA (work[blockIdx.x] = (sequence, row tile, first partial row)); the caller
@@ -127,9 +130,7 @@ struct Outputs {
       const long long i = w.q_row(r);
       return {out + i * kHeadDim, nullptr, lse + i};
     }
-    const int qi = r / w.group;
-    const long long i = (static_cast<long long>(w.split) * n_part_rows + w.part_base + qi) * w.num_heads +
-                        w.kv_head * w.group + (r - qi * w.group);
+    const long long i = w.head_row(static_cast<long long>(w.split) * n_part_rows + w.part_base, r);
     return {nullptr, o_part + i * kHeadDim, lse_part + i};
   }
 
@@ -184,10 +185,7 @@ struct Outputs {
     float* inv_sum = weight + kBlockM * kMaxSplits;         // [n_rows]
     const long long split_rows = static_cast<long long>(n_part_rows) * w.num_heads;  // partial rows per split
     // Partial row (split 0) of merged row i.
-    auto part_row = [&](int i) {
-      const int r = w.m0 + i, qi = r / w.group;
-      return static_cast<long long>(w.part_base + qi) * w.num_heads + w.kv_head * w.group + (r - qi * w.group);
-    };
+    auto part_row = [&](int i) { return w.head_row(w.part_base, w.m0 + i); };
     for (int i = tid; i < n_rows; i += kThreads) {
       const long long prow = part_row(i);
       float* wi = weight + i * ns;

@@ -420,6 +420,12 @@ def _host_int(name: str, x) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+def _start(launches, stream) -> None:
+    """Launch (kernel, grid, threads, args, smem) tuples in order on ``stream``."""
+    for kernel, grid, threads, args, smem in launches:
+        kernel.launch(grid, threads, args, stream=stream, smem=smem)
+
+
 class AttentionPlan:
     """Host metadata of one batch shape: the work partition, split counts and workspaces.
 
@@ -551,8 +557,7 @@ class AttentionPlan:
             else:
                 lse_c = self._lse_scratch
             launches = self._launches(qc, kc, vc, table, lens, out_c, lse_c)
-            for kernel, grid, threads, args, smem in launches:
-                kernel.launch(grid, threads, args, stream=ctx.stream, smem=smem)
+            _start(launches, ctx.stream)
             # Replayable: the caller's own arrays, none copied (the launches hold them, so their
             # addresses stay theirs while the plan remembers them).
             self._replay_key = None if key is None or copied else key
@@ -565,14 +570,7 @@ class AttentionPlan:
     def _replay(self) -> None:
         """The previous run's launches on the caller's current stream (torch's, when torch came in)."""
         torch_in, launches = self._replay_args
-        if torch_in:
-            stream = interop.torch_current_stream(self.device_id)
-        else:
-            cp = _jit.require_gpu()
-            with cp.cuda.Device(self.device_id):
-                stream = cp.cuda.get_current_stream()
-        for kernel, grid, threads, args, smem in launches:
-            kernel.launch(grid, threads, args, stream=stream, smem=smem)
+        _start(launches, interop.caller_stream(self.device_id, torch_in))
 
     def _launches(self, q, k_pages, v_pages, table, lens, out, lse) -> list:
         """(kernel, grid, threads, args, smem) of each launch of a run on these arrays."""

@@ -868,14 +868,7 @@ class GemmPlan:
     def run(self, stream=None) -> None:
         """Launch on ``stream`` (a CuPy stream), else on the caller's current stream (torch's
         current stream when the plan was made from torch tensors)."""
-        cp = _jit.require_gpu()
-        if stream is None:
-            if self._torch_in and interop._torch_module() is not None:
-                stream = interop.torch_current_stream(self.device_id)
-            else:
-                with cp.cuda.Device(self.device_id):
-                    stream = cp.cuda.get_current_stream()
-        self._prepared.launch(stream)
+        self._prepared.launch(stream or interop.caller_stream(self.device_id, self._torch_in))
 
 
 def _checked_plan(plan, out, name):

@@ -143,7 +143,7 @@ class CallContext:
 
 def call_context(**named) -> CallContext:
     """Check that every array argument lives on one GPU and pick the stream to run on."""
-    cp = require_gpu()
+    require_gpu()
     pairs = _flatten(named)
     if not pairs:
         raise ValueError("expected at least one GPU array argument")
@@ -156,12 +156,17 @@ def call_context(**named) -> CallContext:
         desc = ", ".join(f"{n} on GPU {d}" for d, n in devices.items())
         raise ValueError(f"all arrays of one call must live on one GPU, got {desc}")
     (device_id,) = devices
+    return CallContext(device_id, torch_in, caller_stream(device_id, torch_in))
+
+
+def caller_stream(device_id: int, torch_in: bool):
+    """The stream a call runs on: torch's current stream of the device when torch tensors came in,
+    else CuPy's current stream there."""
     if torch_in:
-        stream = torch_current_stream(device_id)
-    else:
-        with cp.cuda.Device(device_id):
-            stream = cp.cuda.get_current_stream()
-    return CallContext(device_id, torch_in, stream)
+        return torch_current_stream(device_id)
+    cp = require_gpu()
+    with cp.cuda.Device(device_id):
+        return cp.cuda.get_current_stream()
 
 
 def _uint8_view_dtypes():
