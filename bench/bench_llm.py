@@ -16,7 +16,9 @@ Reported, in one run:
    model holding the dequantized NVFP4 weights, run by transformers in fp32: max logit difference
    (teacher forced: the reference scores the runner's tokens), tokens (a swap is excused only where the
    reference's top-2 logits differ by less than the margin), free-running agreement, CUDA-graph decode and
-   chunked prefill against eager one-call prefill;
+   chunked prefill against eager one-call prefill; for Mixtral the same near-tie rule inside the model:
+   where the reference's 2nd and 3rd router logits of a token are closer than the margin, the reference
+   takes the runner's experts (any other routing difference fails), counts reported per prompt;
 2. decode tokens/s at batch 1, 16 and 64 (prompts of 128 tokens, then --steps steps; one step = page
    bookkeeping, table uploads, the forward, the token read-back), eager and CUDA-graph replay;
 3. prefill tokens/s (8 prompts of 512 tokens in one forward);
@@ -52,6 +54,10 @@ PAGE_SIZE = 16
 # tolerance may legitimately swap.
 LOGIT_RTOL = 5e-3
 TIE_MARGIN_RTOL = 2 * LOGIT_RTOL
+# MoE routing: where the reference's k-th and (k+1)-th router logits of a token differ by less than this,
+# relative to max(1, max |router logit|), either expert is a legitimate choice and the reference is made
+# to take the runner's (check.align_routes); a clear-margin difference fails the check.
+ROUTER_MARGIN_RTOL = TIE_MARGIN_RTOL
 HF_REPEATS = 3
 
 
@@ -83,26 +89,46 @@ def _prompts(rng, vocab: int, lens) -> list[np.ndarray]:
 
 
 def check_agreement(runner, ref, vocab: int, rng) -> dict:
+    import contextlib
+
     from llm import check, reference as R
 
     prompts = _prompts(rng, vocab, CHECK_PROMPT_LENS)
-    gen = runner.generate(prompts, CHECK_STEPS)
+    moe = bool(runner.spec.experts)
+    gen = runner.generate(prompts, CHECK_STEPS, record_routes=moe)
     out = {"prompt_lens": list(CHECK_PROMPT_LENS), "steps": CHECK_STEPS, "per_prompt": []}
+    if moe:
+        out["router_margin_rtol"] = ROUTER_MARGIN_RTOL
+    forcing = R.RouteForcing(ref, ROUTER_MARGIN_RTOL) if moe else None
     ok = True
-    for b, p in enumerate(prompts):
-        ref_logits = R.teacher_forced_logits(ref, p, gen.tokens[b])
-        scale = max(1.0, float(np.abs(ref_logits).max()))
-        margin = TIE_MARGIN_RTOL * scale
-        tf = check.teacher_forced(gen.tokens[b], gen.logits[b], ref_logits, margin)
-        ref_tokens, ref_gen_logits = R.greedy(ref, p, CHECK_STEPS)
-        fr = check.free_running(gen.tokens[b], ref_tokens, ref_gen_logits, margin)
-        logits_ok = tf.max_abs_diff <= LOGIT_RTOL * scale
-        ok &= tf.tokens_ok and fr.ok and logits_ok
-        out["per_prompt"].append({
-            "max_abs_logit_diff": tf.max_abs_diff, "ref_max_abs_logit": tf.ref_max_abs, "tolerance": LOGIT_RTOL * scale,
-            "near_ties": tf.near_ties, "excused_swaps": tf.excused, "bad_steps": tf.bad_steps,
-            "free_running_agreed_steps": fr.agreed, "free_running_ok": fr.ok,
-        })
+    with forcing if moe else contextlib.nullcontext():
+        for b, p in enumerate(prompts):
+            routes = gen.routes[b] if moe else None
+            if moe:
+                forcing.stats = check.RouteStats()
+            ref_logits = R.teacher_forced_logits(ref, p, gen.tokens[b], forcing, routes)
+            st = forcing.stats if moe else None  # the teacher-forced forward's decisions (every layer and position)
+            scale = max(1.0, float(np.abs(ref_logits).max()))
+            margin = TIE_MARGIN_RTOL * scale
+            tf = check.teacher_forced(gen.tokens[b], gen.logits[b], ref_logits, margin)
+            if moe:
+                forcing.stats = check.RouteStats()  # (the free run's forwards repeat positions: not counted)
+                ref_tokens, ref_gen_logits = R.greedy_forced(ref, p, CHECK_STEPS, forcing, routes, gen.tokens[b])
+            else:
+                ref_tokens, ref_gen_logits = R.greedy(ref, p, CHECK_STEPS)
+            fr = check.free_running(gen.tokens[b], ref_tokens, ref_gen_logits, margin)
+            logits_ok = tf.max_abs_diff <= LOGIT_RTOL * scale
+            ok &= tf.tokens_ok and fr.ok and logits_ok
+            rec = {
+                "max_abs_logit_diff": tf.max_abs_diff, "ref_max_abs_logit": tf.ref_max_abs, "tolerance": LOGIT_RTOL * scale,
+                "near_ties": tf.near_ties, "excused_swaps": tf.excused, "bad_steps": tf.bad_steps,
+                "free_running_agreed_steps": fr.agreed, "free_running_ok": fr.ok,
+            }
+            if moe:
+                ok &= st.bad == 0
+                rec["router"] = {"decisions": st.rows, "near_ties": st.near_ties, "forced": st.forced, "bad": st.bad,
+                                 "max_abs_router_logit_diff": st.max_abs_logit_diff}
+            out["per_prompt"].append(rec)
     graph = runner.generate(prompts, CHECK_STEPS, use_graph=True)
     out["graph_tokens_equal"] = bool(np.array_equal(graph.tokens, gen.tokens))
     out["graph_max_abs_logit_diff"] = float(np.abs(graph.logits - gen.logits).max())

@@ -10,6 +10,7 @@ cuflash's kernels against transformers.
 """
 
 import collections
+import contextlib
 import sys
 import types
 from pathlib import Path
@@ -132,6 +133,25 @@ def test_free_running_agreement():
     assert tie.ok and tie.agreed == 1 and tie.diverged_at_near_tie
     clear = check.free_running(np.array([0, 1, 0]), np.array([1, 1, 0]), ref_logits, 0.01)
     assert not clear.ok and clear.agreed == 0
+
+
+def test_align_routes_forces_only_near_ties():
+    ref = np.array([
+        [3.0, 1.0, 0.995, -1.0],  # 0: top-2 {0, 1}; the runner took 2 (0.005 below the 2nd): forced
+        [3.0, 1.0, 0.5, -1.0],  # 1: the runner took 2, 0.5 below: bad
+        [0.0, 2.0, 1.0, 0.5],  # 2: same set, other order: fine (the 2nd/3rd gap is 0.5: no tie)
+        [1.0, 1.0, 1.0, 0.0],  # 3: the runner repeats an expert: bad
+    ])
+    experts = np.array([[2, 0], [0, 2], [2, 1], [0, 0]])
+    runner = ref + 1e-4
+    new, st = check.align_routes(ref, experts, margin_rtol=0.002, runner_logits=runner)  # margin 0.006 on rows 0-1
+    assert (st.rows, st.near_ties, st.forced, st.bad) == (4, 2, 1, 2)  # ties: rows 0 and 3
+    assert st.max_abs_logit_diff == pytest.approx(1e-4)
+    np.testing.assert_array_equal(new[0], [3.0, 0.995, 1.0, -1.0])  # experts 1 and 2 trade logits
+    assert set(np.argsort(-new[0])[:2]) == {0, 2}
+    np.testing.assert_array_equal(new[1:], ref[1:])  # bad or agreeing rows are left alone
+    with pytest.raises(ValueError, match="expected"):
+        check.align_routes(ref, experts[:, :1].repeat(4, axis=1), 0.1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,19 +364,34 @@ def test_dequantize_torch_matches_cuflash(rng):
 
 
 def _compare(runner, ref, R, prompts, atol, margin, steps=STEPS):
-    """Teacher-forced and free-running comparison of every prompt; returns the worst logit difference
-    relative to max(1, max |ref|) after asserting the token rules."""
-    gen = runner.generate(prompts, steps)
-    worst = 0.0
-    for b, p in enumerate(prompts):
-        tf = check.teacher_forced(gen.tokens[b], gen.logits[b], R.teacher_forced_logits(ref, p, gen.tokens[b]), margin)
-        assert tf.tokens_ok, f"prompt {b}: tokens differ from the reference with a clear margin at steps {tf.bad_steps}"
-        worst = max(worst, tf.max_abs_diff / max(1.0, tf.ref_max_abs))
-        ref_tokens, ref_logits = R.greedy(ref, p, steps)
-        fr = check.free_running(gen.tokens[b], ref_tokens, ref_logits, margin)
-        assert fr.ok, f"prompt {b}: free-running tokens diverge at step {fr.agreed} without a near tie"
+    """Teacher-forced and free-running comparison of every prompt (MoE: the reference routed like the runner
+    at router near ties, margin ``margin`` relative); returns the worst logit difference relative to
+    max(1, max |ref|) and the routing statistics of the teacher-forced forwards, after asserting the token
+    and routing rules."""
+    moe = bool(runner.spec.experts)
+    gen = runner.generate(prompts, steps, record_routes=moe)
+    forcing = R.RouteForcing(ref, margin) if moe else None
+    worst, routing = 0.0, check.RouteStats()
+    with forcing if moe else contextlib.nullcontext():
+        for b, p in enumerate(prompts):
+            routes = gen.routes[b] if moe else None
+            if moe:
+                forcing.stats = check.RouteStats()
+            ref_logits = R.teacher_forced_logits(ref, p, gen.tokens[b], forcing, routes)
+            if moe:
+                assert forcing.stats.bad == 0, f"prompt {b}: experts differ from the reference with a clear margin"
+                routing.add(forcing.stats)
+            tf = check.teacher_forced(gen.tokens[b], gen.logits[b], ref_logits, margin)
+            assert tf.tokens_ok, f"prompt {b}: tokens differ from the reference with a clear margin at steps {tf.bad_steps}"
+            worst = max(worst, tf.max_abs_diff / max(1.0, tf.ref_max_abs))
+            if moe:
+                ref_tokens, ref_logits = R.greedy_forced(ref, p, steps, forcing, routes, gen.tokens[b])
+            else:
+                ref_tokens, ref_logits = R.greedy(ref, p, steps)
+            fr = check.free_running(gen.tokens[b], ref_tokens, ref_logits, margin)
+            assert fr.ok, f"prompt {b}: free-running tokens diverge at step {fr.agreed} without a near tie"
     assert worst <= atol, f"logits differ by {worst:.3g} (relative to max(1, max|ref|)), tolerance {atol}"
-    return worst
+    return worst, routing
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -364,6 +399,45 @@ def test_numpy_runner_matches_transformers(rng, arch):
     hf, weights, ref, R = _hf(arch)
     runner = M.Runner(O.NumpyOps(weights), max_batch=4, max_seq_len=80, page_size=5, max_tokens=64)
     _compare(runner, ref, R, _prompts(weights.spec.vocab, rng), EXACT_LOGIT_ATOL, EXACT_TIE_MARGIN)
+
+
+def test_numpy_runner_routes_like_transformers(rng):
+    """The exact runner's recorded routes are transformers' own: nothing forced, nothing bad."""
+    hf, weights, ref, R = _hf("mixtral")
+    runner = M.Runner(O.NumpyOps(weights), max_batch=4, max_seq_len=80, page_size=5, max_tokens=64)
+    _, routing = _compare(runner, ref, R, _prompts(weights.spec.vocab, rng, (9, 21)), EXACT_LOGIT_ATOL,
+                          EXACT_TIE_MARGIN, steps=8)
+    layers = weights.spec.layers
+    assert routing.rows == layers * (9 + 7 + 21 + 7) and routing.forced == 0 and routing.bad == 0
+    assert routing.max_abs_logit_diff < EXACT_LOGIT_ATOL
+
+
+def test_route_forcing_makes_the_reference_follow_the_runner(rng, monkeypatch):
+    """A runner that takes every token's 3rd expert instead of its 2nd (the two router logits swapped): the
+    reference told that every boundary is a tie follows it to float32 round-off; told that none is, it
+    reports every first-layer decision as bad (later layers see other inputs and may agree by chance)."""
+    hf, weights, ref, R = _hf("mixtral")
+    original = M.top_k_route
+
+    def third_for_second(xp, logits, k):
+        order = np.argsort(-logits, axis=1)
+        swapped = logits.copy()
+        rows = np.arange(logits.shape[0])
+        swapped[rows, order[:, 1]], swapped[rows, order[:, 2]] = logits[rows, order[:, 2]], logits[rows, order[:, 1]]
+        return original(xp, swapped, k)
+
+    monkeypatch.setattr(M, "top_k_route", third_for_second)
+    runner = M.Runner(O.NumpyOps(weights), max_batch=4, max_seq_len=80, page_size=5, max_tokens=64)
+    prompt = _prompts(weights.spec.vocab, rng, (11,))[0]
+    gen = runner.generate([prompt], 6, record_routes=True)
+    with R.RouteForcing(ref, 1e9) as forcing:
+        got = R.teacher_forced_logits(ref, prompt, gen.tokens[0], forcing, gen.routes[0])
+    assert forcing.stats.forced == forcing.stats.rows == weights.spec.layers * 16 and forcing.stats.bad == 0
+    np.testing.assert_allclose(got, gen.logits[0], atol=EXACT_LOGIT_ATOL)
+    assert np.abs(R.teacher_forced_logits(ref, prompt, gen.tokens[0]) - gen.logits[0]).max() > 100 * EXACT_LOGIT_ATOL
+    with R.RouteForcing(ref, 0.0) as strict:
+        R.teacher_forced_logits(ref, prompt, gen.tokens[0], strict, gen.routes[0])
+    assert strict.stats.bad >= 16 and strict.stats.forced == 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -385,7 +459,7 @@ def test_gpu_rounding_emulation_is_well_inside_the_gpu_tolerance(rng, arch):
     GPU tolerance leaves a factor of at least 5 over it."""
     hf, weights, ref, R = _hf(arch)
     runner = M.Runner(O.NumpyOps(weights, "gpu"), max_batch=4, max_seq_len=80, page_size=16, max_tokens=64)
-    worst = _compare(runner, ref, R, _prompts(weights.spec.vocab, rng), GPU_LOGIT_ATOL / 5, GPU_TIE_MARGIN)
+    worst, _ = _compare(runner, ref, R, _prompts(weights.spec.vocab, rng), GPU_LOGIT_ATOL / 5, GPU_TIE_MARGIN)
     assert worst > EXACT_LOGIT_ATOL  # it really rounds
 
 

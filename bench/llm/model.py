@@ -147,9 +147,19 @@ class Workspace:
 
 
 @dataclass
+class Routes:
+    """The MoE routing one sequence saw (``generate(record_routes=True)``), position by position: the
+    prompt's tokens, then each fed generated token (P = prompt length + steps - 1 positions)."""
+
+    experts: np.ndarray  # int32 [P, layers, k]: the experts the runner chose
+    logits: np.ndarray  # float32 [P, layers, E]: the router logits it chose them from
+
+
+@dataclass
 class Generation:
     tokens: np.ndarray  # int64 [B, n]: token i of sequence b is the greedy choice after step i
     logits: np.ndarray | None  # float32 [B, n, V]: the logits each token was chosen from (keep_logits)
+    routes: list | None = None  # per sequence, its Routes (record_routes, MoE models)
 
 
 class Runner:
@@ -178,6 +188,7 @@ class Runner:
         self.routers = [None if lw.router is None else self._device(lw.router) for lw in self.w.layers]
         # expert offsets live at one address: the ragged GEMM's plan reads them from there at every run
         self.moe_offsets = self._device(np.zeros(self.spec.experts + 1, np.int32)) if self.spec.experts else None
+        self._route_log = None  # while recording routes: each MoE layer's (experts, router logits) of a forward
 
     def _device(self, host):
         with self.ops.scope():
@@ -259,7 +270,10 @@ class Runner:
         """Top-k MoE: route in the state dtype, regroup rows by expert, two ragged GEMMs, weighted sum back."""
         xp, ws, ops, spec, lw = self.xp, self.ws, self.ops, self.spec, self.w.layers[layer]
         T, k, I = x.shape[0], spec.top_k, spec.intermediate
-        experts, weights = top_k_route(xp, router_logits(xs, self.routers[layer]), k)
+        rl = router_logits(xs, self.routers[layer])
+        experts, weights = top_k_route(xp, rl, k)
+        if self._route_log is not None:
+            self._route_log.append((experts, rl))
         offsets, dest = expert_layout(xp, experts, spec.experts)
         self.moe_offsets[...] = offsets
         offsets = self.moe_offsets
@@ -298,6 +312,7 @@ class Runner:
             last = np.cumsum(q_lens) - 1
             logits = self.forward(self._upload("tok", toks), self._upload("pos", pos), self._upload("last", last), batch)
             host = np.array(self._host(logits), dtype=np.float32)  # a copy: the buffer is reused next round
+            self._store_routes(np.repeat(active, q_lens), pos)
             for i, b in enumerate(active):
                 done[b] += q_lens[i]
                 if done[b] == len(prompts[b]):
@@ -306,6 +321,21 @@ class Runner:
 
     def _host(self, x):
         return x if self.xp is np else x.get(stream=self.ops.stream)
+
+    def _store_routes(self, rows_seq, rows_pos):
+        """Move the routes of the last forward (rows of sequences ``rows_seq`` at positions ``rows_pos``,
+        host arrays) into ``self._routes`` when recording."""
+        if self._route_log is None:
+            return
+        log = self._route_log[:]
+        self._route_log.clear()
+        if not log:
+            return
+        experts = np.stack([self._host(e) for e, _ in log], axis=1)  # [T, layers, k]
+        logits = np.stack([self._host(r) for _, r in log], axis=1).astype(np.float32)
+        for row, (b, p) in enumerate(zip(rows_seq, rows_pos)):
+            self._routes[b].experts[p] = experts[row]
+            self._routes[b].logits[p] = logits[row]
 
     def prefill(self, prompts, *, prefill_chunk: int | None = None) -> np.ndarray:
         """First-token logits [B, V] (host float32) of each prompt; the sequences are freed afterwards
@@ -320,11 +350,13 @@ class Runner:
                 self.cache.free_sequence(s)
 
     def generate(self, prompts, max_new_tokens: int, *, prefill_chunk: int | None = None, use_graph: bool = False,
-                 keep_logits: bool = True, step_times: list | None = None) -> Generation:
+                 keep_logits: bool = True, step_times: list | None = None, record_routes: bool = False) -> Generation:
         """Greedy generation of ``max_new_tokens`` tokens after each prompt (lists of token ids).
 
         step_times: if a list, each decode step's wall time in seconds is appended (host bookkeeping,
         uploads, the device work and the token read-back: what one step of a serving loop costs).
+        record_routes (MoE models, eager only): keep every position's experts and router logits
+        (``Generation.routes``), one host copy per forward.
         """
         prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
         B = len(prompts)
@@ -336,6 +368,15 @@ class Runner:
         seq_ids = [self.cache.add_sequence() for _ in range(B)]
         tokens = np.zeros((B, max_new_tokens), dtype=np.int64)
         kept = np.zeros((B, max_new_tokens, self.spec.vocab), np.float32) if keep_logits else None
+        routes = None
+        if record_routes:
+            if use_graph or not self.spec.experts:
+                raise ValueError(f"record_routes: needs an MoE model in eager mode, got experts={self.spec.experts}, "
+                                 f"use_graph={use_graph}")
+            L, k, E = self.spec.layers, self.spec.top_k, self.spec.experts
+            routes = [Routes(np.full((len(p) + max_new_tokens - 1, L, k), -1, np.int32),
+                             np.full((len(p) + max_new_tokens - 1, L, E), np.nan, np.float32)) for p in prompts]
+        self._routes, self._route_log = routes, ([] if record_routes else None)
         try:
             with self.ops.scope():
                 logits = self._prefill(seq_ids, prompts, prefill_chunk)
@@ -344,9 +385,10 @@ class Runner:
                     kept[:, 0] = logits
                 self._decode(seq_ids, prompts, tokens, kept, use_graph, step_times)
         finally:
+            self._routes, self._route_log = None, None
             for s in seq_ids:
                 self.cache.free_sequence(s)
-        return Generation(tokens, kept)
+        return Generation(tokens, kept, routes)
 
     def _decode(self, seq_ids, prompts, tokens, kept, use_graph: bool, step_times):
         """Steps 1..n-1: one token per sequence; the device work of a step reads only fixed buffers."""
@@ -380,6 +422,7 @@ class Runner:
             else:
                 replay()
             tokens[:, i] = self._host(next_buf)  # waits for the step (the stream's work ends here)
+            self._store_routes(np.arange(B), lens - 1)
             if step_times is not None and timed:
                 step_times.append(time.perf_counter() - t0)
             if kept is not None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from cuflash import nvfp4
 
+from . import check
 from .convert import QuantWeight, to_numpy
 from .model import bf16_bits_to_f32
 
@@ -103,16 +104,100 @@ def exact_fp32():
     torch.set_float32_matmul_precision("highest")
 
 
-def teacher_forced_logits(ref, prompt, tokens) -> np.ndarray:
+class RouteForcing:
+    """Forward hooks on the reference's MoE routers that make it route like the runner at near ties.
+
+    Use as a context manager around forwards of ONE sequence from position 0 (no KV cache), after setting
+    ``routes`` (the runner's ``model.Routes`` of that sequence) and ``valid`` (how many leading positions
+    share the runner's context: only those have the runner's routes). Each router's logits go through
+    ``check.align_routes``; ``stats`` adds up what it found. Works with transformers' router modules that
+    return (logits, top-k weights, top-k indices) (>= 5) and with plain linear gates (logits only).
+    """
+
+    def __init__(self, ref, margin_rtol: float):
+        self.gates = [layer.mlp.gate for layer in ref.model.layers if hasattr(layer.mlp, "gate")]
+        self.top_k = ref.config.num_experts_per_tok
+        self.margin_rtol = float(margin_rtol)
+        self.routes, self.valid = None, 0
+        self.stats = check.RouteStats()
+        self._handles = []
+
+    def __enter__(self):
+        self._handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            return self._force(layer, output)
+        return hook
+
+    def _force(self, layer: int, output):
+        import torch
+
+        logits = output[0] if isinstance(output, tuple) else output
+        n = min(int(logits.shape[0]), int(self.valid))
+        if self.routes is None or n == 0:
+            return None
+        host = logits[:n].detach().double().cpu().numpy()
+        new, stats = check.align_routes(host, self.routes.experts[:n, layer], self.margin_rtol,
+                                        self.routes.logits[:n, layer])
+        self.stats.add(stats)
+        if not stats.forced:
+            return None
+        logits = logits.clone()
+        logits[:n] = torch.from_numpy(new).to(device=logits.device, dtype=logits.dtype)
+        if not isinstance(output, tuple):
+            return logits
+        # transformers' MixtralTopKRouter: softmax in fp32, top k, renormalised
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, idx = torch.topk(probs, self.top_k, dim=-1)
+        return (logits, (top / top.sum(dim=-1, keepdim=True)).to(output[1].dtype), idx) + tuple(output[3:])
+
+
+def _forcing(forcing, routes, valid: int):
+    if forcing is not None:
+        forcing.routes, forcing.valid = routes, valid
+
+
+def teacher_forced_logits(ref, prompt, tokens, forcing: RouteForcing | None = None, routes=None) -> np.ndarray:
     """float32 [n, V]: the reference's logits for each of the runner's n tokens given the same context
-    (the prompt and the runner's earlier tokens), in one forward."""
+    (the prompt and the runner's earlier tokens), in one forward. With ``forcing`` (an entered
+    RouteForcing) and the runner's ``routes`` of this sequence, routed like the runner at near ties."""
     import torch
 
     dev = next(ref.parameters()).device
-    ids = torch.as_tensor(np.concatenate([np.asarray(prompt), np.asarray(tokens)[:-1]]), device=dev)[None]
+    ctx = np.concatenate([np.asarray(prompt), np.asarray(tokens)[:-1]])
+    _forcing(forcing, routes, len(ctx))
+    ids = torch.as_tensor(ctx, device=dev)[None]
     with torch.no_grad():
         logits = ref(input_ids=ids).logits[0, len(prompt) - 1:]
+    _forcing(forcing, None, 0)
     return logits.float().cpu().numpy()
+
+
+def greedy_forced(ref, prompt, n: int, forcing: RouteForcing, routes, tokens) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's own greedy generation (tokens [n], logits [n, V]) by full forwards, routed like the
+    runner at near ties for as long as its context is the runner's (prompt + the runner's ``tokens``)."""
+    import torch
+
+    dev = next(ref.parameters()).device
+    prompt, tokens = np.asarray(prompt), np.asarray(tokens)
+    out_t, out_l = [], []
+    for i in range(n):
+        differ = np.flatnonzero(np.asarray(out_t, dtype=np.int64) != tokens[:len(out_t)])
+        _forcing(forcing, routes, len(prompt) + (int(differ[0]) if differ.size else len(out_t)))
+        ids = torch.as_tensor(np.concatenate([prompt, np.asarray(out_t, dtype=prompt.dtype)]), device=dev)[None]
+        with torch.no_grad():
+            last = ref(input_ids=ids).logits[0, -1].float().cpu().numpy()
+        out_t.append(int(last.argmax()))
+        out_l.append(last)
+    _forcing(forcing, None, 0)
+    return np.asarray(out_t, dtype=np.int64), np.stack(out_l)
 
 
 def greedy(ref, prompt, n: int) -> tuple[np.ndarray, np.ndarray]:
