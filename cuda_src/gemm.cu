@@ -585,6 +585,109 @@ __device__ __forceinline__ void issue_set_wgmma(const unsigned char* tokens_f16,
   wgmma_commit();
 }
 
+// Stream-K (Osama et al., 2023): with a partials workspace, CTA c covers the units [U c / G, U (c + 1) / G)
+// of the U = tiles x k-stages (tile, stage) units of the call (tile-major; every problem has the same K,
+// the host's rule), G = gridDim.x <= U, so every CTA gets the same number of stages (to within one) however
+// the tiles fall into waves. A tile split over several CTAs ("pieces") is summed by the piece that
+// finishes last: each piece parks its fp32 accumulators in its CTA's slot (slot 0: the CTA's first
+// segment, 1: its last), then counts itself on the tile's counter; the piece that brings the count to
+// the number of pieces adds the others' slots and runs the epilogue, and puts the counter back to 0
+// (the attention split merge's pattern: nobody waits). Without a workspace (data parallel) the CTAs walk
+// whole tiles blockIdx.x, blockIdx.x + G, ...
+struct StreamK {
+  float* partials;  // null: data parallel
+  int* counters;    // one per tile, zero between launches
+};
+
+struct Segment {
+  int tile;
+  int kt0, kt1;  // stages [kt0, kt1) of the tile (kt1 past the end in data-parallel mode: the whole tile)
+  bool first;    // the first segment of this CTA (stream-K slot 0)
+};
+
+__device__ __forceinline__ long long sk_unit_begin(int cta, long long units) {
+  return units * cta / gridDim.x;
+}
+
+// The CTA whose range holds unit u: the largest c with sk_unit_begin(c) <= u.
+__device__ __forceinline__ int sk_cta_of_unit(long long u, long long units) {
+  return static_cast<int>(((u + 1) * gridDim.x + units - 1) / units) - 1;
+}
+
+struct SegmentWalk {
+  bool stream_k;
+  int kts;          // stream-K: the k-stages of every tile
+  int total_tiles;
+  long long u, u1;  // stream-K: the next unit and the end of this CTA's range
+  int tile;         // data parallel: the next tile
+  bool first = true;
+
+  __device__ __forceinline__ SegmentWalk(bool sk, int total, int k_stages)
+      : stream_k(sk), kts(k_stages), total_tiles(total), tile(blockIdx.x) {
+    const long long units = static_cast<long long>(total) * k_stages;
+    u = sk ? sk_unit_begin(blockIdx.x, units) : 0;
+    u1 = sk ? sk_unit_begin(blockIdx.x + 1, units) : 0;
+  }
+
+  __device__ __forceinline__ bool next(Segment& s) {
+    if (!stream_k) {
+      if (tile >= total_tiles) return false;
+      s = {tile, 0, 1 << 30, first};
+      tile += gridDim.x;
+    } else {
+      if (u >= u1) return false;
+      s.tile = static_cast<int>(u / kts);
+      s.kt0 = static_cast<int>(u % kts);
+      s.kt1 = static_cast<int>(min(static_cast<long long>(kts), s.kt0 + (u1 - u)));
+      s.first = first;
+      u += s.kt1 - s.kt0;
+    }
+    first = false;
+    return true;
+  }
+};
+
+constexpr unsigned kSkBarrier = 1;  // named barrier of the consumer warpgroups (0 is __syncthreads)
+
+// A stream-K piece of tile seg.tile (all consumer threads): park acc, count in; true (with every other
+// piece added into acc) for the last piece, which then stores the tile. `flag`: one shared int.
+template <class Tr>
+__device__ __forceinline__ bool stream_k_fixup(const StreamK& sk, const Segment& seg, int kts, int total_tiles,
+                               float (&acc)[Tr::kSets][Tr::kAcc], int* flag) {
+  constexpr int kSlot = Tr::kSets * Tr::kAcc * kWgConsumerThreads;
+  const int ct = threadIdx.x - kWarpgroupThreads;
+  const long long units = static_cast<long long>(total_tiles) * kts;
+  float* mine = sk.partials + (2ll * blockIdx.x + (seg.first ? 0 : 1)) * kSlot;
+#pragma unroll
+  for (int set = 0; set < Tr::kSets; ++set)
+#pragma unroll
+    for (int i = 0; i < Tr::kAcc; ++i) __stcg(mine + (set * Tr::kAcc + i) * kWgConsumerThreads + ct, acc[set][i]);
+  __threadfence();
+  named_barrier_sync(kSkBarrier, kWgConsumerThreads);
+  const long long t0 = static_cast<long long>(seg.tile) * kts;
+  const int c0 = sk_cta_of_unit(t0, units), c1 = sk_cta_of_unit(t0 + kts - 1, units);
+  if (ct == 0) {
+    const bool last = atomicAdd(sk.counters + seg.tile, 1) == c1 - c0;
+    if (last) sk.counters[seg.tile] = 0;  // every piece has counted: ready for the next launch
+    __threadfence();
+    *flag = last;
+  }
+  named_barrier_sync(kSkBarrier, kWgConsumerThreads);
+  const bool last = *flag != 0;
+  named_barrier_sync(kSkBarrier, kWgConsumerThreads);  // the flag is read before the next piece rewrites it
+  if (!last) return false;
+  for (int c = c0; c <= c1; ++c) {
+    if (c == static_cast<int>(blockIdx.x)) continue;
+    const long long begin = sk_unit_begin(c, units);
+    const float* other = sk.partials + (2ll * c + (begin >= t0 ? 0 : 1)) * kSlot;  // its first segment, or its last
+#pragma unroll
+    for (int set = 0; set < Tr::kSets; ++set)
+#pragma unroll
+      for (int i = 0; i < Tr::kAcc; ++i) acc[set][i] += __ldcg(other + (set * Tr::kAcc + i) * kWgConsumerThreads + ct);
+  }
+  return true;
+}
+
 // The ring's mbarriers: full[s] completes when the producer has published stage slot s (one arrival
 // per producer thread), empty[s] when every consumer thread is done with it (one arrival each: with
 // one arrival per warp after __syncwarp, compute-sanitizer racecheck reported the producer's next
@@ -600,13 +703,16 @@ struct Ring {
 template <class Tr, int kBlockM, int kStages, int kTokens, bool kDual>
 __device__ __forceinline__ void produce(unsigned char* smem, Ring ring, const GemmProblem* __restrict__ problems,
                                         int num_problems, const int* __restrict__ offsets, const int* prefix,
-                                        int total_tiles, bool blocked) {
+                                        int total_tiles, bool blocked, bool stream_k) {
   using St = Stage<Tr, kTokens, kDual>;
-  int q = 0;  // stages issued so far, over all tiles
-  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const TileView v = make_tile_view<kDual, Tr::kBlockRows>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked);
+  int q = 0;  // stages issued so far, over all segments
+  SegmentWalk walk(stream_k, total_tiles, problems[0].k / kStageK);
+  Segment seg;
+  while (walk.next(seg)) {
+    const TileView v = make_tile_view<kDual, Tr::kBlockRows>(problems, num_problems, offsets, prefix, seg.tile, kBlockM, blocked);
     const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
-    for (int kt = 0; kt < v.num_k_stages; ++kt, ++q) {
+    const int kt1 = min(seg.kt1, v.num_k_stages);
+    for (int kt = seg.kt0; kt < kt1; ++kt, ++q) {
       const int slot = q % kStages;
       if (q >= kStages) mbar_wait(&ring.empty[slot], ((q / kStages) - 1) & 1);  // use u - 1 released
       loader.load(St{smem + slot * Tr::kStageBytes}, kt);
@@ -622,7 +728,7 @@ __device__ __forceinline__ void produce(unsigned char* smem, Ring ring, const Ge
 template <class Tr, int kBlockM, int kStages, int kTokens, bool kDual>
 __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const GemmProblem* __restrict__ problems,
                                         int num_problems, const int* __restrict__ offsets, const int* prefix,
-                                        int total_tiles, bool blocked, int out_dtype) {
+                                        int total_tiles, bool blocked, int out_dtype, StreamK sk, int* flag) {
   using St = Stage<Tr, kTokens, kDual>;
   const int cw = threadIdx.x / 32 - kWarpgroupThreads / 32;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -636,9 +742,12 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
   auto release = [&](int q) {  // after wgmma_wait: this thread's wgmmas and fragment reads of stage q are done
     mbar_arrive(&ring.empty[q % kStages]);
   };
-  int q = 0;  // stages consumed so far, over all tiles
-  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const TileView v = make_tile_view<kDual, Tr::kBlockRows>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked);
+  int q = 0;  // stages consumed so far, over all segments
+  const int sk_kts = problems[0].k / kStageK;
+  SegmentWalk walk(sk.partials != nullptr, total_tiles, sk_kts);
+  Segment seg;
+  while (walk.next(seg)) {
+    const TileView v = make_tile_view<kDual, Tr::kBlockRows>(problems, num_problems, offsets, prefix, seg.tile, kBlockM, blocked);
     const GemmProblem& p = *v.problem;
     float acc[Tr::kSets][Tr::kAcc];
 #pragma unroll
@@ -646,7 +755,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
 #pragma unroll
       for (int i = 0; i < Tr::kAcc; ++i) acc[set][i] = 0.0f;
 
-    const int kts = v.num_k_stages;
+    const int kts = min(seg.kt1, v.num_k_stages) - seg.kt0;  // stages of this segment (their data is in the ring)
     if constexpr (Tr::kSets >= 2) {
       // One commit group per (stage, set), one fragment buffer per set: set j of stage kt is
       // dequantized once set j of stage kt - 1 has retired (kSets - 1 later groups still run), so
@@ -694,6 +803,9 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
     for (int set = 0; set < Tr::kSets; ++set) wgmma_fence_operand(acc[set]);
     release(q + kts - 1);
     q += kts;
+    if (seg.kt0 > 0 || seg.kt0 + kts < v.num_k_stages) {  // a piece of a stream-K tile: the last piece stores it
+      if (!stream_k_fixup<Tr>(sk, seg, sk_kts, total_tiles, acc, flag)) continue;
+    }
 
     // Epilogue: acc[w * kRowBlocks + b][4j + e] is (weight row row0 + 64 b + 8 (e >= 2), token
     // 8j + 2t + (e & 1)).
@@ -718,13 +830,15 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
   }
 }
 
-// Same arguments and launch rules as group_gemm_kernel (kTokens: fp16 or bf16 only); kWgThreads
-// (384) threads per CTA; dynamic shared memory: up to 1024 bytes of alignment slack, the ring, 2
-// kStages mbarriers, the tile prefix.
+// Same arguments and launch rules as group_gemm_kernel (kTokens: fp16 or bf16 only), plus the stream-K
+// workspace (see StreamK; null: data parallel): sk_partials holds 2 slots of kSets x kAcc x 256 floats per
+// CTA, sk_counters one zeroed int per tile; stream-K needs every problem to have the same K and a grid of
+// at most tiles x k-stages CTAs. kWgThreads (384) threads per CTA; dynamic shared memory: up to 1024
+// bytes of alignment slack, the ring, 2 kStages mbarriers, the tile prefix, one int (the fixup's flag).
 template <int kBlockM, int kRowBlocks, int kStages, int kTokens, bool kDual>
 __global__ void __launch_bounds__(kWgThreads, 1)
     group_gemm_wgmma_kernel(const GemmProblem* __restrict__ problems, int num_problems, const int* __restrict__ offsets,
-                            int blocked_scales, int out_dtype) {
+                            int blocked_scales, int out_dtype, float* sk_partials, int* sk_counters) {
   using Tr = WgmmaTraits<kBlockM, kRowBlocks, kStages, kTokens, kDual>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // the swizzled token tiles need 1024-byte aligned shared addresses (the host adds the slack)
@@ -744,11 +858,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   if (threadIdx.x < kWarpgroupThreads) {
     warpgroup_release_registers<kWgProducerRegs>();
     produce<Tr, kBlockM, kStages, kTokens, kDual>(smem, ring, problems, num_problems, offsets, prefix, total_tiles,
-                                                  blocked_scales != 0);
+                                                  blocked_scales != 0, sk_partials != nullptr);
   } else {
     warpgroup_claim_registers<kWgConsumerRegs>();
     consume<Tr, kBlockM, kStages, kTokens, kDual>(smem, ring, problems, num_problems, offsets, prefix, total_tiles,
-                                                  blocked_scales != 0, out_dtype);
+                                                  blocked_scales != 0, out_dtype, StreamK{sk_partials, sk_counters},
+                                                  prefix + num_problems + 1);
   }
 }
 

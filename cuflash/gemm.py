@@ -77,10 +77,12 @@ assert PROBLEM_DTYPE.itemsize == 128  # noqa: S101 (a module invariant, not user
 
 ARCH_CHOICES = ("portable", "hopper")
 _WGMMA_THREADS = 384  # a producer warpgroup and two consumer warpgroups of 64 weight rows each
+_WGMMA_CONSUMER_THREADS = 256
 _WGMMA_TOKEN_TILE = STAGE_K * 2  # bytes per token per stage in the wgmma kernel's swizzled layout (no padding)
 _SWIZZLE_ATOM = 1024  # the wgmma kernel's stages and their token tiles are 1024-byte aligned
 _MBARRIER_BYTES = 8
 _DEQUANT_THREADS = 256  # dequant_tokens_kernel: one thread per scale block of 16 token values
+_SK_FLAG_BYTES = 4  # the wgmma kernel's stream-K fixup flag, after the tile prefix
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,7 @@ class GemmKernelConfig(_jit.KernelConfig):
         stage = weights * self.block_n * (_STAGE_PACKED + _STAGE_SCALES)
         prefix = 4 * (num_problems + 1)
         if self.arch == "hopper":
+            prefix += _SK_FLAG_BYTES
             # fp16/bf16 tokens only (W4A4 arrives dequantized), stages rounded up to whole swizzle
             # atoms after up to 1024 bytes of alignment slack; a full and an empty mbarrier per stage
             stage = V.ceil_div(stage + self.block_m * _WGMMA_TOKEN_TILE, _SWIZZLE_ATOM) * _SWIZZLE_ATOM
@@ -256,6 +259,51 @@ def kernel_variants() -> list[GemmKernelConfig]:
 
 
 WGMMA_ENV = "CUFLASH_GEMM_WGMMA"
+STREAM_K_ENV = "CUFLASH_GEMM_STREAMK"
+# Stream-K's cost beyond its stages (H100, session 10, scratch A/B of data parallel against forced stream-K):
+# about 10 us per accumulator set a CTA parks and sums (GPU MODE group cases 1, 3 and 4 with 128-row tiles:
+# 9.2, 10.5 and 10.7 us over the tile model; the dual GEMM, two sets: 17-26 us). The dual GEMM's stage
+# costs 0.83 us (2 rounds of 112 stages in 204.5 us, M=512 N=3072 K=7168; one set's tile model: 0.62).
+_STREAM_K_FIXUP_US_PER_SET = 10.0
+_DUAL_STAGE_US = 0.83
+
+
+def stream_k_slot_floats(cfg: GemmKernelConfig) -> int:
+    """fp32 accumulators a CTA of the wgmma kernel parks per stream-K piece (StreamK in gemm.cu)."""
+    return _accumulator_sets(cfg) * (cfg.block_m // 2) * _WGMMA_CONSUMER_THREADS  # kSets x kAcc per consumer thread
+
+
+def _accumulator_sets(cfg: GemmKernelConfig) -> int:
+    return (2 if cfg.dual else 1) * cfg.row_blocks
+
+
+def stream_k_grid(cfg: GemmKernelConfig, table: np.ndarray, tiles: int, slots: int) -> int:
+    """The grid of a stream-K launch of the wgmma kernel, or 0 for data parallel (whole tiles).
+
+    Stream-K splits the tiles x k-stages of the call evenly over the CTAs: it pays when the tiles fill the
+    last wave of ``slots`` CTAs badly (GPU MODE case 1: 352 tiles are 2.67 waves of 132 but take 3 rounds
+    of whole tiles; 229.7 -> 203.9 us on the H100) and the stages saved outweigh the fixup. It needs every
+    problem to have the same K and the rows known on the host (not ragged); 256-row tiles keep data
+    parallel (GPU MODE case 2 measured 134 us data parallel, 148 stream-K). ``CUFLASH_GEMM_STREAMK=0``
+    never, ``=1`` wherever allowed; unset, the tile time model decides.
+    """
+    env = os.environ.get(STREAM_K_ENV)
+    if (env == "0" or cfg.arch != "hopper" or tiles == 0 or (table["m"] < 0).any()
+            or len(set(table["k"].tolist())) != 1):
+        return 0
+    kts = int(table["k"][0]) // STAGE_K
+    units = tiles * kts
+    grid = min(slots, units)
+    if env == "1":
+        return grid
+    if cfg.row_blocks != 1:
+        return 0
+    c, e = _HOPPER_TILE_US[1]
+    if cfg.dual:
+        c = _DUAL_STAGE_US
+    data_parallel = V.ceil_div(tiles, slots) * (kts * c + e)
+    stream_k = V.ceil_div(units, grid) * c + e + _STREAM_K_FIXUP_US_PER_SET * _accumulator_sets(cfg)
+    return grid if stream_k < 0.95 * data_parallel else 0
 
 
 def hopper_is_faster(dual: bool, rows_hint: int, ragged: bool = False) -> bool:
@@ -794,8 +842,19 @@ def _prepare(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int
     limit = _jit.smem_per_block_optin(ctx.device_id)
     if smem > limit:
         raise ValueError(f"too many products in one call: {len(table)} need {smem} bytes of shared memory, the GPU allows {limit}")
-    grid = min(tiles_bound, _jit.sm_count(ctx.device_id) * kernel.resident_blocks_per_sm(cfg.threads, smem))
+    slots = _jit.sm_count(ctx.device_id) * kernel.resident_blocks_per_sm(cfg.threads, smem)
+    grid = min(tiles_bound, slots)
     args = (dev_table, np.int32(len(table)), offs, np.int32(int(blocked)), np.int32(_OUT_CODES[out_dtype]))
+    if cfg.arch == "hopper":
+        sk_grid = stream_k_grid(cfg, table, tiles_bound, slots)
+        partials = counters = None
+        if sk_grid:
+            grid = sk_grid
+            partials = cp.empty(grid * stream_k_slot_floats(cfg) * 2, dtype=cp.float32)
+            counters = cp.zeros(tiles_bound, dtype=cp.int32)
+            workspace = (workspace, partials, counters)
+        args += (np.uint64(0 if partials is None else partials.data.ptr),
+                 np.uint64(0 if counters is None else counters.data.ptr))
     launches.append(_Launch(kernel, grid, cfg.threads, smem, args))
     return _Prepared(launches, workspace)
 
@@ -814,7 +873,7 @@ def _launch_key(kind: str, arrays: tuple, options: tuple):
     key = interop.replay_key(arrays)
     if key is None:
         return None
-    return (kind, key, options, os.environ.get(WGMMA_ENV))  # the env var picks the kernel
+    return (kind, key, options, os.environ.get(WGMMA_ENV), os.environ.get(STREAM_K_ENV))  # the env vars pick the kernel
 
 
 def _alpha_key(alpha):

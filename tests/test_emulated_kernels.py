@@ -143,12 +143,12 @@ def test_nvfp4_non_finite_blocks(mods, rng):
 MAX_CTAS = 3  # persistent grid: fewer CTAs than tiles, so CTAs loop
 
 
-def _launch_gemm(gm, cfg, table, tiles_bound, offsets, blocked, odt, schedule="round_robin"):
+def _launch_gemm(gm, cfg, table, tiles_bound, offsets, blocked, odt, schedule="round_robin", stream_k=0):
     """The launches gemm._prepare makes (Hopper W4A4: the token dequant into a workspace first), with
-    host buffers and small grids."""
+    host buffers and small grids; ``stream_k``: a stream-K launch of the wgmma kernel on that many CTAs."""
     if tiles_bound == 0 or len(table) == 0:
         return
-    grid = min(tiles_bound, MAX_CTAS)
+    grid = stream_k or min(tiles_bound, MAX_CTAS)
     offs = offsets if offsets is not None else np.uint64(0)
     if cfg.dequant_first:
         offsets, nbytes = gemm.dequant_workspace(table)
@@ -157,9 +157,18 @@ def _launch_gemm(gm, cfg, table, tiles_bound, offsets, blocked, odt, schedule="r
         gx, gy = gemm.dequant_grid(deq)
         gm.launch(cfg.DEQUANT_KERNEL, (min(gx, 2), gy), gemm._DEQUANT_THREADS, [deq, offs, np.int32(int(blocked))],
                   schedule=schedule)
-    gm.launch(cfg.name_expression(), grid, cfg.threads,
-              [table, np.int32(len(table)), offs, np.int32(int(blocked)), np.int32(gemm._OUT_CODES[odt])],
-              smem=cfg.smem_bytes(len(table)), schedule=schedule)
+    args = [table, np.int32(len(table)), offs, np.int32(int(blocked)), np.int32(gemm._OUT_CODES[odt])]
+    counters = None
+    if cfg.arch == "hopper" and stream_k:
+        # parked pieces poisoned (a slot read before it is written shows); counters zero, as the plan keeps them
+        partials = np.full(grid * 2 * gemm.stream_k_slot_floats(cfg), np.nan, dtype=np.float32)
+        counters = np.zeros(tiles_bound, dtype=np.int32)
+        args += [partials, counters]
+    elif cfg.arch == "hopper":
+        args += [np.uint64(0), np.uint64(0)]
+    gm.launch(cfg.name_expression(), grid, cfg.threads, args, smem=cfg.smem_bytes(len(table)), schedule=schedule)
+    if counters is not None:
+        assert not counters.any(), "every stream-K tile counter must be back to 0 after the launch"
 
 
 def _scales(sf, layout):
@@ -168,7 +177,8 @@ def _scales(sf, layout):
     return nvfp4.to_blocked(sf) if layout == "blocked" else sf
 
 
-def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch="portable", schedule="round_robin", row_blocks=None):
+def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch="portable", schedule="round_robin", row_blocks=None,
+                    stream_k=0):
     """One group_gemm launch set up as the GPU path does; returns (outputs, references, the validated
     problems, the token kind validation found)."""
     A_, B_, SA, SB = TG._group_inputs(rng, ms, ns, ks, "nvfp4" if tokens == "nvfp4" else "act", act_dtype=tokens)
@@ -185,7 +195,7 @@ def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch="portable", s
         cfg = dataclasses.replace(cfg, row_blocks=row_blocks, stages=gemm._HOPPER_STAGES_2RB)
     assert cfg in GEMM_CONFIGS and cfg.arch == arch
     _launch_gemm(gm, cfg, table, gemm.tile_count(ms, ns, cfg.block_m, cfg.block_n), None, layout == "blocked", odt,
-                 schedule)
+                 schedule, stream_k)
     return outs, refs, prods, tok
 
 
@@ -234,7 +244,7 @@ def test_group_gemm_batch_L(mods, rng, schedule, tokens, layout):
         TG._check(_f64(o), r, "float16")
 
 
-def _run_dual_gemm(mods, rng, tokens, m, n, k, layout, out_dtype, arch_args=(), schedule="round_robin"):
+def _run_dual_gemm(mods, rng, tokens, m, n, k, layout, out_dtype, arch_args=(), schedule="round_robin", stream_k=0):
     """One emulated dual GEMM (portable, or wgmma with arch_args=("hopper",)) against the reference."""
     a = TG.rand_packed(rng, m, k) if tokens == "nvfp4" else TG.rand_acts(rng, m, k, "float16")
     sfa = TG.rand_scales(rng, (m, k // 16)) if tokens == "nvfp4" else None
@@ -247,7 +257,8 @@ def _run_dual_gemm(mods, rng, tokens, m, n, k, layout, out_dtype, arch_args=(), 
     table = gemm.build_table([prod], [(out.ctypes.data, n, 0)])
     cfg = gemm.choose_config(tok, True, m, *arch_args)
     assert cfg in GEMM_CONFIGS
-    _launch_gemm(mods["gemm"], cfg, table, gemm.tile_count([m], [n], cfg.block_m), None, layout == "blocked", odt, schedule)
+    _launch_gemm(mods["gemm"], cfg, table, gemm.tile_count([m], [n], cfg.block_m), None, layout == "blocked", odt, schedule,
+                 stream_k)
     TG._check(_f64(out), ref, out_dtype)
 
 
@@ -297,6 +308,31 @@ def test_group_gemm_wgmma_two_row_blocks(mods, rng, schedule, tokens, ms, ns, ks
 @pytest.mark.parametrize("tokens,m,n,k,layout", [("float16", 33, 136, 192, "blocked"), ("nvfp4", 1, 72, 64, "plain")])
 def test_dual_gemm_wgmma(mods, rng, tokens, m, n, k, layout):
     _run_dual_gemm(mods, rng, tokens, m, n, k, layout, "bfloat16", arch_args=("hopper",))
+
+
+@pytest.mark.parametrize(
+    "tokens,ms,ns,ks,grid,row_blocks",
+    [
+        # 3 tiles x 5 stages on 4 CTAs: CTA 1 ends tile 0 and starts tile 1 (two pieces, slots 0 and 1)
+        ("float16", [70, 3], [136, 40], [320, 320], 4, None),
+        # 2 tiles x 8 stages on 5 CTAs: every tile in three pieces, CTA 1 and 3 inside one tile
+        ("bfloat16", [33], [129], [512], 5, None),
+        ("nvfp4", [5, 17, 0], [72, 200, 64], [192, 192, 192], 4, None),  # W4A4, an empty group
+        ("float16", [70], [300], [448], 4, 2),  # 256-row tiles (two accumulator sets)
+        ("float16", [20, 9], [72, 40], [1280, 1280], 3, None),  # pieces of 6-14 stages: the 8-stage ring wraps in one
+    ],
+)
+def test_group_gemm_wgmma_stream_k(mods, rng, schedule, tokens, ms, ns, ks, grid, row_blocks):
+    """Stream-K: the k-stages of all tiles split evenly over the CTAs; split tiles summed by their last piece."""
+    outs, refs, _, _ = _run_group_gemm(mods["gemm"], rng, tokens, ms, ns, ks, "plain", "float16", "hopper", schedule,
+                                       row_blocks=row_blocks, stream_k=grid)
+    for o, r in zip(outs, refs):
+        TG._check(_f64(o), r, "float16")
+
+
+def test_dual_gemm_wgmma_stream_k(mods, rng, schedule):
+    _run_dual_gemm(mods, rng, "float16", 33, 136, 448, "plain", "float16", arch_args=("hopper",), schedule=schedule,
+                   stream_k=3)
 
 
 def test_group_gemm_ragged_wgmma(mods, rng):

@@ -308,6 +308,33 @@ def test_hopper_row_blocks_choice():
         gemm.GemmKernelConfig("float16", 128, 1, 6, dual=True, arch="hopper", row_blocks=2)
 
 
+def test_stream_k_choice(monkeypatch):
+    """Stream-K where whole tiles fill the last wave badly (GPU MODE case 1: 352 tiles = 2.67 waves of 132),
+    data parallel where they do not (case 4: 128 tiles in one wave) and wherever stream-K is not allowed
+    (ragged rows, mixed K, the portable kernel); CUFLASH_GEMM_STREAMK forces either way."""
+    monkeypatch.delenv(gemm.STREAM_K_ENV, raising=False)
+    cfg = gemm.GemmKernelConfig("float16", 128, 1, 8, arch="hopper")
+
+    def table(ms, k, ks=None):
+        t = np.zeros(len(ms), dtype=gemm.PROBLEM_DTYPE)
+        t["m"], t["k"] = ms, ks if ks is not None else k
+        return t
+
+    case1 = table([80, 176, 128, 72, 64, 248, 96, 160], 7168)
+    assert gemm.stream_k_grid(cfg, case1, 352, 132) == 132
+    assert gemm.stream_k_grid(cfg, table([128, 384], 1536), 128, 132) == 0
+    assert gemm.stream_k_grid(cfg, table([-1, -1], 7168), 352, 132) == 0  # ragged
+    assert gemm.stream_k_grid(cfg, table([80, 176], 0, [7168, 2048]), 352, 132) == 0  # mixed K
+    portable = gemm.GemmKernelConfig("float16", 128, 2)
+    assert gemm.stream_k_grid(portable, case1, 352, 132) == 0
+    monkeypatch.setenv(gemm.STREAM_K_ENV, "0")
+    assert gemm.stream_k_grid(cfg, case1, 352, 132) == 0
+    monkeypatch.setenv(gemm.STREAM_K_ENV, "1")
+    assert gemm.stream_k_grid(cfg, table([1], 128), 1, 132) == 2  # at most one CTA per unit (1 tile x 2 stages)
+    assert gemm.stream_k_slot_floats(cfg) == 64 * 256
+    assert gemm.stream_k_slot_floats(gemm.GemmKernelConfig("float16", 64, 1, 8, dual=True, arch="hopper")) == 2 * 32 * 256
+
+
 def test_smem_fits_hopper():
     # 227 KB is the opt-in limit per block on sm_80 / sm_90
     for v in gemm.kernel_variants():
@@ -675,3 +702,36 @@ def test_ragged_and_dual_gemm_wgmma(cp, rng, wgmma, tokens):
     got = gemm.dual_gemm(cp.asarray(a), cp.asarray(b1), cp.asarray(b2), None if sfa is None else cp.asarray(sfa),
                          cp.asarray(s1), cp.asarray(s2), alpha1=0.5, alpha2=1.5, out_dtype="bfloat16")
     _check(_to_np(cp, got), ref, "bfloat16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", ["float16", "nvfp4"])
+@pytest.mark.parametrize("case", ["gpumode1", "gpumode3", "odd"])
+def test_group_gemm_wgmma_stream_k(cp, rng, wgmma, monkeypatch, tokens, case):
+    """Stream-K forced (CUFLASH_GEMM_STREAMK=1): GPU MODE shapes (cases 1 and 3: 352 and 120 tiles on the
+    SMs, tiles split into 2-3 pieces) and a small odd one (M = 1, N % 128 != 0, fewer units than SMs);
+    run twice, so the second launch sees the tile counters the first put back to 0; then a dual GEMM."""
+    monkeypatch.setenv(gemm.STREAM_K_ENV, "1")
+    shapes = {"gpumode1": ([80, 176, 128, 72, 64, 248, 96, 160], 4096, 7168), "gpumode3": ([192, 320], 3072, 4096),
+              "odd": ([1, 33, 0], 200, 192)}[case]
+    ms, n, k = shapes
+    A, B, SA, SB = _group_inputs(rng, ms, [n] * len(ms), [k] * len(ms), "nvfp4" if tokens == "nvfp4" else "act",
+                                 act_dtype=tokens)
+    alpha = list(rng.uniform(0.25, 2.0, size=len(ms)))
+    refs = reference.group_gemm(A, B, SA, SB, alpha=alpha)
+    args = ([cp.asarray(x) for x in A], [cp.asarray(x) for x in B], None if SA is None else [cp.asarray(s) for s in SA],
+            [cp.asarray(s) for s in SB])
+    for _ in range(2):
+        outs = [_poisoned(cp, (m, n), "float16") for m in ms]
+        gemm.group_gemm(*args, alpha=alpha, out=outs)
+        for o, r in zip(outs, refs):
+            _check(_to_np(cp, o), r, "float16")
+    m, k = 40, 448
+    a = rand_packed(rng, m, k) if tokens == "nvfp4" else rand_acts(rng, m, k, "float16")
+    sfa = rand_scales(rng, (m, k // 16)) if tokens == "nvfp4" else None
+    b1, b2 = rand_packed(rng, n, k), rand_packed(rng, n, k)
+    s1, s2 = rand_scales(rng, (n, k // 16)), rand_scales(rng, (n, k // 16))
+    ref = reference.dual_gemm(a, b1, b2, sfa, s1, s2, alpha1=0.5, alpha2=1.5)
+    got = gemm.dual_gemm(cp.asarray(a), cp.asarray(b1), cp.asarray(b2), None if sfa is None else cp.asarray(sfa),
+                         cp.asarray(s1), cp.asarray(s2), alpha1=0.5, alpha2=1.5)
+    _check(_to_np(cp, got), ref, "float16")

@@ -31,6 +31,17 @@ def test_sanitize_group_gemm(cp, rng, tokens):
     G.test_group_gemm_random_shapes(cp, rng, tokens, "blocked", "float16")
 
 
+@pytest.mark.parametrize("tokens", ["nvfp4", "float16"])
+def test_sanitize_group_gemm_stream_k(cp, rng, monkeypatch, tokens):
+    """The wgmma kernel with stream-K forced (pieces parked in the workspace, tile counters), where sm_90."""
+    from cuflash import _jit, gemm
+
+    if _jit.device_cc(cp.cuda.Device().id) != (9, 0):
+        pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU")
+    monkeypatch.setenv(gemm.WGMMA_ENV, "1")
+    G.test_group_gemm_wgmma_stream_k(cp, rng, None, monkeypatch, tokens, "odd")
+
+
 def test_sanitize_ragged_and_dual_gemm(cp, rng):
     G.test_group_gemm_ragged(cp, rng, "nvfp4", "plain", [0, 5, 0, 16, 1, 0, 37, 3])
     G.test_dual_gemm(cp, rng, "float16", 33, 300, 256)

@@ -373,6 +373,7 @@ inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; 
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline void __stcg(T* p, T v) { *p = v; }
 inline void __threadfence() {}  // blocks run one after another: every earlier write is visible
 inline void __trap() { ::cuemu::fail("__trap() called"); }
 
