@@ -103,28 +103,18 @@ def check_agreement(runner, ref, vocab: int, rng) -> dict:
     ok = True
     with forcing if moe else contextlib.nullcontext():
         for b, p in enumerate(prompts):
-            routes = gen.routes[b] if moe else None
-            if moe:
-                forcing.stats = check.RouteStats()
-            ref_logits = R.teacher_forced_logits(ref, p, gen.tokens[b], forcing, routes)
-            st = forcing.stats if moe else None  # the teacher-forced forward's decisions (every layer and position)
-            scale = max(1.0, float(np.abs(ref_logits).max()))
-            margin = TIE_MARGIN_RTOL * scale
-            tf = check.teacher_forced(gen.tokens[b], gen.logits[b], ref_logits, margin)
-            if moe:
-                forcing.stats = check.RouteStats()  # (the free run's forwards repeat positions: not counted)
-                ref_tokens, ref_gen_logits = R.greedy_forced(ref, p, CHECK_STEPS, forcing, routes, gen.tokens[b])
-            else:
-                ref_tokens, ref_gen_logits = R.greedy(ref, p, CHECK_STEPS)
-            fr = check.free_running(gen.tokens[b], ref_tokens, ref_gen_logits, margin)
-            logits_ok = tf.max_abs_diff <= LOGIT_RTOL * scale
+            pa = R.prompt_agreement(ref, p, gen.tokens[b], gen.logits[b], TIE_MARGIN_RTOL, forcing,
+                                    gen.routes[b] if moe else None)
+            tf, fr = pa.teacher_forced, pa.free_running
+            logits_ok = tf.max_abs_diff <= LOGIT_RTOL * pa.scale
             ok &= tf.tokens_ok and fr.ok and logits_ok
             rec = {
-                "max_abs_logit_diff": tf.max_abs_diff, "ref_max_abs_logit": tf.ref_max_abs, "tolerance": LOGIT_RTOL * scale,
+                "max_abs_logit_diff": tf.max_abs_diff, "ref_max_abs_logit": tf.ref_max_abs, "tolerance": LOGIT_RTOL * pa.scale,
                 "near_ties": tf.near_ties, "excused_swaps": tf.excused, "bad_steps": tf.bad_steps,
                 "free_running_agreed_steps": fr.agreed, "free_running_ok": fr.ok,
             }
             if moe:
+                st = pa.routes
                 ok &= st.bad == 0
                 rec["router"] = {"decisions": st.rows, "near_ties": st.near_ties, "forced": st.forced, "bad": st.bad,
                                  "max_abs_router_logit_diff": st.max_abs_logit_diff}

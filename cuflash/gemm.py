@@ -268,13 +268,13 @@ _STREAM_K_FIXUP_US_PER_SET = 10.0
 _DUAL_STAGE_US = 0.83
 
 
+def _accumulator_sets(cfg: GemmKernelConfig) -> int:
+    return (2 if cfg.dual else 1) * cfg.row_blocks
+
+
 def stream_k_slot_floats(cfg: GemmKernelConfig) -> int:
     """fp32 accumulators a CTA of the wgmma kernel parks per stream-K piece (StreamK in gemm.cu)."""
     return _accumulator_sets(cfg) * (cfg.block_m // 2) * _WGMMA_CONSUMER_THREADS  # kSets x kAcc per consumer thread
-
-
-def _accumulator_sets(cfg: GemmKernelConfig) -> int:
-    return (2 if cfg.dual else 1) * cfg.row_blocks
 
 
 def stream_k_grid(cfg: GemmKernelConfig, table: np.ndarray, tiles: int, slots: int) -> int:

@@ -374,21 +374,13 @@ def _compare(runner, ref, R, prompts, atol, margin, steps=STEPS):
     worst, routing = 0.0, check.RouteStats()
     with forcing if moe else contextlib.nullcontext():
         for b, p in enumerate(prompts):
-            routes = gen.routes[b] if moe else None
+            pa = R.prompt_agreement(ref, p, gen.tokens[b], gen.logits[b], margin, forcing, gen.routes[b] if moe else None)
             if moe:
-                forcing.stats = check.RouteStats()
-            ref_logits = R.teacher_forced_logits(ref, p, gen.tokens[b], forcing, routes)
-            if moe:
-                assert forcing.stats.bad == 0, f"prompt {b}: experts differ from the reference with a clear margin"
-                routing.add(forcing.stats)
-            tf = check.teacher_forced(gen.tokens[b], gen.logits[b], ref_logits, margin)
+                assert pa.routes.bad == 0, f"prompt {b}: experts differ from the reference with a clear margin"
+                routing.add(pa.routes)
+            tf, fr = pa.teacher_forced, pa.free_running
             assert tf.tokens_ok, f"prompt {b}: tokens differ from the reference with a clear margin at steps {tf.bad_steps}"
             worst = max(worst, tf.max_abs_diff / max(1.0, tf.ref_max_abs))
-            if moe:
-                ref_tokens, ref_logits = R.greedy_forced(ref, p, steps, forcing, routes, gen.tokens[b])
-            else:
-                ref_tokens, ref_logits = R.greedy(ref, p, steps)
-            fr = check.free_running(gen.tokens[b], ref_tokens, ref_logits, margin)
             assert fr.ok, f"prompt {b}: free-running tokens diverge at step {fr.agreed} without a near tie"
     assert worst <= atol, f"logits differ by {worst:.3g} (relative to max(1, max|ref|)), tolerance {atol}"
     return worst, routing

@@ -9,6 +9,7 @@ fp16 KV, accumulation order), not in quantization error.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -198,6 +199,35 @@ def greedy_forced(ref, prompt, n: int, forcing: RouteForcing, routes, tokens) ->
         out_l.append(last)
     _forcing(forcing, None, 0)
     return np.asarray(out_t, dtype=np.int64), np.stack(out_l)
+
+
+@dataclass
+class PromptAgreement:
+    teacher_forced: check.TeacherForced
+    free_running: check.FreeRunning
+    scale: float  # max(1, max |reference logit|): what the tolerances are relative to
+    routes: check.RouteStats | None  # the teacher-forced forward's routing decisions (MoE with forcing)
+
+
+def prompt_agreement(ref, prompt, tokens, logits, margin_rtol: float, forcing: RouteForcing | None = None,
+                     routes=None) -> PromptAgreement:
+    """Both views of one prompt's generation (tokens [n], logits [n, V] of the runner) against ``ref``, token
+    swaps excused below ``margin_rtol`` x max(1, max |reference logit|). With ``forcing`` (an entered
+    RouteForcing) and the runner's ``routes``, the reference routes like the runner at router near ties."""
+    if forcing is not None:
+        forcing.stats = check.RouteStats()
+    ref_logits = teacher_forced_logits(ref, prompt, tokens, forcing, routes)
+    stats = None if forcing is None else forcing.stats
+    scale = max(1.0, float(np.abs(ref_logits).max()))
+    margin = margin_rtol * scale
+    tf = check.teacher_forced(tokens, logits, ref_logits, margin)
+    if forcing is not None:
+        forcing.stats = check.RouteStats()  # (the free run's forwards repeat positions: not counted)
+        ref_tokens, ref_gen_logits = greedy_forced(ref, prompt, len(tokens), forcing, routes, tokens)
+    else:
+        ref_tokens, ref_gen_logits = greedy(ref, prompt, len(tokens))
+    fr = check.free_running(tokens, ref_tokens, ref_gen_logits, margin)
+    return PromptAgreement(tf, fr, scale, stats)
 
 
 def greedy(ref, prompt, n: int) -> tuple[np.ndarray, np.ndarray]:
