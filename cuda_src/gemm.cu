@@ -519,6 +519,11 @@ struct WgmmaTraits {
       (kTokenBytes + kWeights * (kWeightBytes + kWeightScaleBytes) + kSwizzleAtomBytes - 1) / kSwizzleAtomBytes *
       kSwizzleAtomBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
+  // Epilogue buffer of each consumer warpgroup (after the ring): one 64-row block of its 16-bit output
+  // tile, token-major, kBlockM rows of 64 values + 16 bytes of padding (see store_tile_16).
+  static constexpr int kEpiPitch = kWgmmaM * 2 + 16;
+  static constexpr int kEpiBytes = kBlockM * kEpiPitch;
+  static constexpr int kSmemBytes = kPipeBytes + kWgConsumers * kEpiBytes;  // then the mbarriers
   static_assert(kBlockM % 16 == 0 && kBlockM >= 16 && kBlockM <= 256, "wgmma N: a multiple of 16 up to 256");
   static_assert(kStages >= 2, "a ring of at least two stages");
   static_assert(kSets * kAcc <= 128, "accumulators: at most 128 registers per consumer thread");
@@ -705,6 +710,7 @@ __device__ __forceinline__ void produce(unsigned char* smem, Ring ring, const Ge
                                         int num_problems, const int* __restrict__ offsets, const int* prefix,
                                         int total_tiles, bool blocked, bool stream_k) {
   using St = Stage<Tr, kTokens, kDual>;
+  griddep_wait();  // W4A4: dequant_tokens_kernel, launched just before (programmatic launch), has finished
   int q = 0;  // stages issued so far, over all segments
   SegmentWalk walk(stream_k, total_tiles, problems[0].k / kStageK);
   Segment seg;
@@ -723,6 +729,107 @@ __device__ __forceinline__ void produce(unsigned char* smem, Ring ring, const Ge
   cp_async_wait<0>();
 }
 
+// The epilogue's value of accumulator i of set b (weight operand 0; dual: silu-gated by operand 1).
+template <class Tr, bool kDual>
+__device__ __forceinline__ float epilogue_value(const GemmProblem& p, const float (&acc)[Tr::kSets][Tr::kAcc], int b,
+                                                int i) {
+  const float out = p.alpha * acc[b][i];
+  if constexpr (kDual) return silu(out) * (p.alpha2 * acc[Tr::kRowBlocks + b][i]);
+  return out;
+}
+
+// Epilogue, element by element (fp32 output): acc[w * kRowBlocks + b][4j + e] is (weight row row0 + 64 b +
+// 8 (e >= 2), token 8j + 2t + (e & 1)).
+template <class Tr, int kBlockM, bool kDual>
+__device__ __forceinline__ void store_tile_direct(const TileView& v, const float (&acc)[Tr::kSets][Tr::kAcc],
+                                                  int out_dtype) {
+  const int cw = threadIdx.x / 32 - kWarpgroupThreads / 32;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = (cw / 4) * (kWgmmaM * Tr::kRowBlocks) + (cw % 4) * 16 + g;
+#pragma unroll
+  for (int b = 0; b < Tr::kRowBlocks; ++b)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int col = v.n0 + row0 + kWgmmaM * b + 8 * h;
+      if (col >= v.n) continue;
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int m = v.m0 + 8 * j + 2 * t + e;
+          if (m >= v.rows) continue;
+          store_out(*v.problem, out_dtype, static_cast<long long>(v.row_base) + m, col,
+                    epilogue_value<Tr, kDual>(*v.problem, acc, b, 4 * j + 2 * h + e));
+        }
+    }
+}
+
+constexpr unsigned kEpiBarrier = 2;  // named barriers 2 and 3: consumer warpgroup 0's and 1's epilogue
+
+__device__ __forceinline__ unsigned pack_out(float lo, float hi, __half) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+__device__ __forceinline__ unsigned pack_out(float lo, float hi, __nv_bfloat16) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// Epilogue of a 16-bit output (all threads of both consumer warpgroups). Each warpgroup writes one 64-row
+// block of its tile at a time into its buffer in shared memory, token-major (stmatrix.trans: one x4 per
+// 16 tokens per warp), then its 128 threads copy the buffer to C in 16-byte pieces: 8 consecutive
+// outputs of one token row, coalesced, instead of one 2-byte store per value (measured on the H100,
+// session 11: the element-wise epilogue cost ~4 us per round of tiles). Pieces past N, and every piece
+// when C's rows are not 16-byte aligned, are stored value by value. Buffer rows are kEpiPitch bytes
+// (128 + 16), so the 8 rows of a stmatrix and the 4 rows a warp reads per load hit distinct banks.
+template <class Tr, int kBlockM, bool kDual, typename OutT>
+__device__ __forceinline__ void store_tile_16(unsigned char* epi, const TileView& v,
+                                              const float (&acc)[Tr::kSets][Tr::kAcc]) {
+  const GemmProblem& p = *v.problem;
+  const int cw = threadIdx.x / 32 - kWarpgroupThreads / 32, wg = cw / 4, w = cw % 4;
+  const int lane = threadIdx.x & 31, wt = threadIdx.x % kWarpgroupThreads;
+  unsigned char* buf = epi + wg * Tr::kEpiBytes;
+  const unsigned bar = kEpiBarrier + wg;
+  OutT* c = reinterpret_cast<OutT*>(p.c);
+  const bool vec = (p.c % 16 == 0) && (p.c_row % 8 == 0);
+#pragma unroll
+  for (int b = 0; b < Tr::kRowBlocks; ++b) {
+    named_barrier_sync(bar, kWarpgroupThreads);  // the previous block's (or tile's) reads of buf are done
+    // matrix x of a stmatrix.x4: tokens 8 (2jj + x / 2) .. +7, weight rows 16 w + 8 (x % 2) .. +7 of the block
+#pragma unroll
+    for (int jj = 0; jj < kBlockM / 16; ++jj) {
+      unsigned r[4];
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int i = 4 * (2 * jj + x / 2) + 2 * (x % 2);
+        r[x] = pack_out(epilogue_value<Tr, kDual>(p, acc, b, i), epilogue_value<Tr, kDual>(p, acc, b, i + 1), OutT());
+      }
+      const int x = lane >> 3;
+      stmatrix_x4_trans(buf + (8 * (2 * jj + x / 2) + (lane & 7)) * Tr::kEpiPitch + (16 * w + 8 * (x % 2)) * 2, r);
+    }
+    named_barrier_sync(bar, kWarpgroupThreads);  // the block is in buf
+    const int col0 = v.n0 + (wg * Tr::kRowBlocks + b) * kWgmmaM;
+#pragma unroll
+    for (int it = 0; it < kBlockM * 8 / kWarpgroupThreads; ++it) {
+      const int i = wt + it * kWarpgroupThreads, row = i / 8, col = col0 + 8 * (i % 8);
+      const int m = v.m0 + row;
+      if (m >= v.rows || col >= v.n) continue;
+      const uint4 val = *reinterpret_cast<const uint4*>(buf + row * Tr::kEpiPitch + (i % 8) * 16);
+      OutT* dst = c + (static_cast<long long>(v.row_base) + m) * p.c_row + col;
+      if (vec && col + 8 <= v.n) {
+        *reinterpret_cast<uint4*>(dst) = val;
+      } else {
+        const unsigned words[4] = {val.x, val.y, val.z, val.w};
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const unsigned short bits = static_cast<unsigned short>(words[k / 2] >> (16 * (k % 2)));
+          if (col + k < v.n) *reinterpret_cast<unsigned short*>(dst + k) = bits;
+        }
+      }
+    }
+  }
+}
+
 // Warpgroups 1 and 2: dequantize, multiply, store. Consumer warp cw (warp cw % 4 of consumer
 // warpgroup cw / 4) owns weight rows row0 + 64 b + {0..7, 8..15} - g of row block b of each tile.
 template <class Tr, int kBlockM, int kStages, int kTokens, bool kDual>
@@ -731,7 +838,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
                                         int total_tiles, bool blocked, int out_dtype, StreamK sk, int* flag) {
   using St = Stage<Tr, kTokens, kDual>;
   const int cw = threadIdx.x / 32 - kWarpgroupThreads / 32;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int lane = threadIdx.x & 31, g = lane >> 2;
   const int row0 = (cw / 4) * (kWgmmaM * Tr::kRowBlocks) + (cw % 4) * 16 + g;
   auto stage = [&](int q) { return St{smem + (q % kStages) * Tr::kStageBytes}; };
   // Stage q has landed (its weights may be read now). Its token tile becomes visible to this
@@ -748,7 +855,6 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
   Segment seg;
   while (walk.next(seg)) {
     const TileView v = make_tile_view<kDual, Tr::kBlockRows>(problems, num_problems, offsets, prefix, seg.tile, kBlockM, blocked);
-    const GemmProblem& p = *v.problem;
     float acc[Tr::kSets][Tr::kAcc];
 #pragma unroll
     for (int set = 0; set < Tr::kSets; ++set)
@@ -807,26 +913,9 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
       if (!stream_k_fixup<Tr>(sk, seg, sk_kts, total_tiles, acc, flag)) continue;
     }
 
-    // Epilogue: acc[w * kRowBlocks + b][4j + e] is (weight row row0 + 64 b + 8 (e >= 2), token
-    // 8j + 2t + (e & 1)).
-#pragma unroll
-    for (int b = 0; b < Tr::kRowBlocks; ++b)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int col = v.n0 + row0 + kWgmmaM * b + 8 * h;
-        if (col >= v.n) continue;
-#pragma unroll
-        for (int j = 0; j < kBlockM / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int m = v.m0 + 8 * j + 2 * t + e;
-            if (m >= v.rows) continue;
-            const int i = 4 * j + 2 * h + e;
-            float out = p.alpha * acc[b][i];
-            if constexpr (kDual) out = silu(out) * (p.alpha2 * acc[Tr::kRowBlocks + b][i]);
-            store_out(p, out_dtype, static_cast<long long>(v.row_base) + m, col, out);
-          }
-      }
+    if (out_dtype == kOutF16) store_tile_16<Tr, kBlockM, kDual, __half>(smem + Tr::kPipeBytes, v, acc);
+    else if (out_dtype == kOutBF16) store_tile_16<Tr, kBlockM, kDual, __nv_bfloat16>(smem + Tr::kPipeBytes, v, acc);
+    else store_tile_direct<Tr, kBlockM, kDual>(v, acc, out_dtype);
   }
 }
 
@@ -834,7 +923,8 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
 // workspace (see StreamK; null: data parallel): sk_partials holds 2 slots of kSets x kAcc x 256 floats per
 // CTA, sk_counters one zeroed int per tile; stream-K needs every problem to have the same K and a grid of
 // at most tiles x k-stages CTAs. kWgThreads (384) threads per CTA; dynamic shared memory: up to 1024
-// bytes of alignment slack, the ring, 2 kStages mbarriers, the tile prefix, one int (the fixup's flag).
+// bytes of alignment slack, the ring, the two epilogue buffers, 2 kStages mbarriers, the tile prefix, one
+// int (the fixup's flag).
 template <int kBlockM, int kRowBlocks, int kStages, int kTokens, bool kDual>
 __global__ void __launch_bounds__(kWgThreads, 1)
     group_gemm_wgmma_kernel(const GemmProblem* __restrict__ problems, int num_problems, const int* __restrict__ offsets,
@@ -844,8 +934,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   // the swizzled token tiles need 1024-byte aligned shared addresses (the host adds the slack)
   const unsigned raw_addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
   unsigned char* smem = smem_raw + ((kSwizzleAtomBytes - raw_addr % kSwizzleAtomBytes) % kSwizzleAtomBytes);
-  const Ring ring{reinterpret_cast<unsigned long long*>(smem + Tr::kPipeBytes),
-                  reinterpret_cast<unsigned long long*>(smem + Tr::kPipeBytes) + kStages};
+  const Ring ring{reinterpret_cast<unsigned long long*>(smem + Tr::kSmemBytes),
+                  reinterpret_cast<unsigned long long*>(smem + Tr::kSmemBytes) + kStages};
   int* prefix = reinterpret_cast<int*>(ring.empty + kStages);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -874,6 +964,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 constexpr int kDequantThreads = 256;
 __global__ void __launch_bounds__(kDequantThreads)
     dequant_tokens_kernel(const GemmProblem* __restrict__ problems, const int* __restrict__ offsets, int blocked_scales) {
+  griddep_launch_dependents();  // the wgmma kernel after it may start loading (it waits for these tokens)
   const GemmProblem& p = problems[blockIdx.y];
   const ProblemRows rows = problem_rows(p, offsets);
   const int blocks_per_row = p.k / kScaleBlock;

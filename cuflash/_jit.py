@@ -18,6 +18,7 @@ every kernel variant builds. Loading and launching need CuPy and a GPU.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -476,6 +477,89 @@ class Kernel:
         with cp.cuda.Device(self.device_id):
             self._opt_in_smem(cp, smem)
             self.function(grid, block, tuple(args), shared_mem=smem, stream=stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# Programmatic dependent launch (sm_90): cuLaunchKernelEx through ctypes (CuPy launches have no
+# launch attributes). A kernel launched this way may start while the kernel before it in the stream
+# still runs; its device code must call griddep_wait (common/wgmma.cuh) before reading what that
+# kernel writes. CUFLASH_PDL=0 turns it off (every launch plain, same results).
+# ----------------------------------------------------------------------------------------------
+
+PDL_ENV = "CUFLASH_PDL"
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h, CUlaunchAttributeID
+_launch_ex_fn = None  # cuLaunchKernelEx, False once known to be missing
+
+
+def _launch_ex():
+    """libcuda's cuLaunchKernelEx as a ctypes function, or None (no driver, or one before CUDA 12)."""
+    global _launch_ex_fn
+    if _launch_ex_fn is None:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            _launch_ex_fn = fn
+        except (OSError, AttributeError):
+            _launch_ex_fn = False
+    return _launch_ex_fn or None
+
+
+class CuLaunchAttribute(ctypes.Structure):
+    """cuda.h CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union (72 bytes)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class CuLaunchConfig(ctypes.Structure):
+    """cuda.h CUlaunchConfig (56 bytes on 64-bit hosts)."""
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(CuLaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_CTYPES_OF = {np.dtype(np.int32): "c_int32", np.dtype(np.uint32): "c_uint32", np.dtype(np.int64): "c_int64",
+              np.dtype(np.uint64): "c_uint64", np.dtype(np.float32): "c_float", np.dtype(np.float64): "c_double",
+              np.dtype(np.int8): "c_int8", np.dtype(np.uint8): "c_uint8", np.dtype(np.int16): "c_int16",
+              np.dtype(np.uint16): "c_uint16"}
+
+
+class ProgrammaticLaunch:
+    """One launch of a kernel with the programmatic stream serialization attribute, its arguments
+    marshalled once (a prepared GEMM replays it). :meth:`launch` falls back to a plain launch where
+    cuLaunchKernelEx is missing, CUFLASH_PDL=0, or the driver refuses the attribute."""
+
+    def __init__(self, kernel: "Kernel", grid, block, args: Sequence, smem: int):
+        cp = require_cupy()
+        check_launch_args(kernel.name, args, cp.ndarray)
+        self.kernel, self.args, self.smem = kernel, tuple(args), int(smem)
+        self.grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
+        self.block = tuple(int(b) for b in (block if isinstance(block, tuple) else (block,)))
+
+        self._attr = CuLaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        self._attr.value[0] = 1  # programmaticStreamSerializationAllowed
+        g3, b3 = (self.grid + (1, 1))[:3], (self.block + (1, 1))[:3]
+        self._config = CuLaunchConfig((ctypes.c_uint * 3)(*g3), (ctypes.c_uint * 3)(*b3), self.smem, None,
+                              ctypes.pointer(self._attr), 1)
+        self._values = [ctypes.c_uint64(a.data.ptr) if isinstance(a, cp.ndarray)
+                        else getattr(ctypes, _CTYPES_OF[np.dtype(type(a))])(a) for a in self.args]
+        self._params = (ctypes.c_void_p * max(1, len(self._values)))(
+            *[ctypes.addressof(v) for v in self._values])
+
+    def launch(self, stream) -> None:
+        fn = _launch_ex()
+        if min(self.grid) == 0:
+            return
+        if fn is None or os.environ.get(PDL_ENV) == "0":
+            self.kernel.launch(self.grid, self.block, self.args, stream=stream, smem=self.smem)
+            return
+        cp = require_cupy()
+        with cp.cuda.Device(self.kernel.device_id):
+            self.kernel._opt_in_smem(cp, self.smem)
+            self._config.stream = stream.ptr
+            err = fn(ctypes.addressof(self._config), self.kernel.function.ptr, self._params, None)
+        if err != 0:  # e.g. a driver without programmatic launches: nothing was queued
+            global _launch_ex_fn
+            _launch_ex_fn = False
+            self.kernel.launch(self.grid, self.block, self.args, stream=stream, smem=self.smem)
 
 
 def check_launch_args(name: str, args: Sequence, array_type) -> None:

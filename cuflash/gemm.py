@@ -81,6 +81,9 @@ _WGMMA_CONSUMER_THREADS = 256
 _WGMMA_TOKEN_TILE = STAGE_K * 2  # bytes per token per stage in the wgmma kernel's swizzled layout (no padding)
 _SWIZZLE_ATOM = 1024  # the wgmma kernel's stages and their token tiles are 1024-byte aligned
 _MBARRIER_BYTES = 8
+# the wgmma kernel's epilogue buffer: per consumer warpgroup, block_m token rows of 64 16-bit outputs plus
+# 16 bytes of padding (WgmmaTraits::kEpiBytes)
+_WGMMA_EPI_PITCH = 64 * 2 + 16
 _DEQUANT_THREADS = 256  # dequant_tokens_kernel: one thread per scale block of 16 token values
 _SK_FLAG_BYTES = 4  # the wgmma kernel's stream-K fixup flag, after the tile prefix
 
@@ -170,9 +173,11 @@ class GemmKernelConfig(_jit.KernelConfig):
         if self.arch == "hopper":
             prefix += _SK_FLAG_BYTES
             # fp16/bf16 tokens only (W4A4 arrives dequantized), stages rounded up to whole swizzle
-            # atoms after up to 1024 bytes of alignment slack; a full and an empty mbarrier per stage
+            # atoms after up to 1024 bytes of alignment slack; the two consumer warpgroups' epilogue
+            # buffers; a full and an empty mbarrier per stage
             stage = V.ceil_div(stage + self.block_m * _WGMMA_TOKEN_TILE, _SWIZZLE_ATOM) * _SWIZZLE_ATOM
-            return _SWIZZLE_ATOM + self.stages * (stage + 2 * _MBARRIER_BYTES) + prefix
+            epilogue = 2 * self.block_m * _WGMMA_EPI_PITCH
+            return _SWIZZLE_ATOM + self.stages * (stage + 2 * _MBARRIER_BYTES) + epilogue + prefix
         if self.tokens == "nvfp4":
             stage += self.block_m * (_STAGE_PACKED + _STAGE_SCALES)
             f16_buffer = self.block_m * _TOKEN_PITCH  # the stage's tokens, dequantized
@@ -772,6 +777,18 @@ class _Launch:
     threads: int
     smem: int
     args: tuple
+    # launched with programmatic dependent launch (the wgmma kernel after dequant_tokens_kernel: it may
+    # start while the dequant finishes, and waits for its tokens in griddep_wait)
+    programmatic: bool = False
+    _pdl: Any = None  # the _jit.ProgrammaticLaunch, made at the first launch
+
+    def launch(self, stream) -> None:
+        if self.programmatic:
+            if self._pdl is None:
+                self._pdl = _jit.ProgrammaticLaunch(self.kernel, self.grid, self.threads, self.args, self.smem)
+            self._pdl.launch(stream)
+        else:
+            self.kernel.launch(self.grid, self.threads, self.args, stream=stream, smem=self.smem)
 
 
 @dataclass
@@ -786,7 +803,7 @@ class _Prepared:
 
     def launch(self, stream) -> None:
         for ln in self.launches:
-            ln.kernel.launch(ln.grid, ln.threads, ln.args, stream=stream, smem=ln.smem)
+            ln.launch(stream)
 
 
 def dequant_workspace(table: np.ndarray) -> tuple[np.ndarray, int]:
@@ -855,7 +872,7 @@ def _prepare(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int
             workspace = (workspace, partials, counters)
         args += (np.uint64(0 if partials is None else partials.data.ptr),
                  np.uint64(0 if counters is None else counters.data.ptr))
-    launches.append(_Launch(kernel, grid, cfg.threads, smem, args))
+    launches.append(_Launch(kernel, grid, cfg.threads, smem, args, programmatic=cfg.dequant_first))
     return _Prepared(launches, workspace)
 
 

@@ -142,3 +142,35 @@ def test_source_tree_hash_changes_with_any_file(tmp_path):
     h1 = _jit.source_tree_hash(root)
     (root / "common" / "h.cuh").write_text("#pragma once\n// changed\n")
     assert _jit.source_tree_hash(root) != h1
+
+
+def test_programmatic_launch_structs_match_cuda_h():
+    """CUlaunchAttribute / CUlaunchConfig as cuda.h lays them out (the driver reads them by offset)."""
+    import ctypes
+
+    assert ctypes.sizeof(_jit.CuLaunchAttribute) == 72 and _jit.CuLaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(_jit.CuLaunchConfig) == 56
+    assert (_jit.CuLaunchConfig.smem.offset, _jit.CuLaunchConfig.stream.offset, _jit.CuLaunchConfig.attrs.offset,
+            _jit.CuLaunchConfig.num_attrs.offset) == (24, 32, 40, 48)
+
+
+def test_programmatic_launch_marshals_arguments():
+    """Each kernel argument is passed by the address of a value of its exact width."""
+    import ctypes
+
+    pytest.importorskip("cupy")
+
+    class FakeKernel:
+        name = "fake"
+
+    args = (np.int32(-3), np.uint64(2**40 + 5), np.float32(1.5), np.int64(-7))
+    ln = _jit.ProgrammaticLaunch(FakeKernel(), (5, 2), 384, args, 1000)
+    assert list(ln._config.grid) == [5, 2, 1] and list(ln._config.block) == [384, 1, 1] and ln._config.smem == 1000
+    assert ln._config.num_attrs == 1 and ln._config.attrs.contents.id == 6 and ln._config.attrs.contents.value[0] == 1
+    got = [ctypes.cast(ln._params[0], ctypes.POINTER(ctypes.c_int32)).contents.value,
+           ctypes.cast(ln._params[1], ctypes.POINTER(ctypes.c_uint64)).contents.value,
+           ctypes.cast(ln._params[2], ctypes.POINTER(ctypes.c_float)).contents.value,
+           ctypes.cast(ln._params[3], ctypes.POINTER(ctypes.c_int64)).contents.value]
+    assert got == [-3, 2**40 + 5, 1.5, -7]
+    with pytest.raises(TypeError, match="launch argument 1"):
+        _jit.ProgrammaticLaunch(FakeKernel(), 1, 32, (np.int32(1), 5), 0)

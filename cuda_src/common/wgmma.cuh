@@ -90,6 +90,34 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// stmatrix.m8n8.x4.trans (sm_90): lane l gives the shared address of row l % 8 of 8 x 8 matrix l / 8
+// (16 bytes, 16-byte aligned); register j of each lane holds matrix j's elements (row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1, the lower column in the low half) as in mma.m16n8's C fragment, and
+// .trans stores the matrix transposed: element (row r, column c) lands at element r of stored row c.
+// So an accumulator fragment (rows = weight rows, columns = tokens) is stored token-major.
+__device__ __forceinline__ void stmatrix_x4_trans(void* smem_row, const unsigned (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(smem_row))),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+// Programmatic dependent launch (sm_90): a kernel launched with the programmatic stream serialization
+// attribute may start while the kernel before it in the stream still runs, once that kernel's CTAs have
+// all executed griddep_launch_dependents (or exited); griddep_wait then blocks until that kernel has
+// completed and its memory is visible. Launched without the attribute, both do nothing.
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Warp-specialized kernels: a warpgroup gives registers back (producer) or takes them (consumers),
 // within the kernel's cap at entry (__launch_bounds__(threads, 1)); every thread of the warpgroup
 // executes it. kRegs: a multiple of 8 in [24, 256].

@@ -243,6 +243,30 @@ __device__ __forceinline__ void wgmma_fence_operand(unsigned (&)[kN]) {}
 
 __device__ __forceinline__ void fence_proxy_async_shared() { ::cuemu::proxy_fence(); }
 
+// griddepcontrol: one block runs at a time here, after the kernels before it in the stream: nothing to order.
+__device__ __forceinline__ void griddep_launch_dependents() {}
+__device__ __forceinline__ void griddep_wait() {}
+
+// stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 (PTX ISA): lanes 8j .. 8j+7 give the addresses of the
+// stored rows 0..7 of matrix j (16 bytes each, 16-byte aligned); register j of lane l holds matrix j's
+// elements (row l >> 2, columns 2(l % 4) and 2(l % 4) + 1, the lower column in the low half); .trans
+// stores element (row r, column c) as element r of stored row c. Every lane writes its own elements.
+__device__ __forceinline__ void stmatrix_x4_trans(void* smem_row, const unsigned (&r)[4]) {
+  ::cuemu::check_smem(smem_row, 16, 16, "stmatrix.x4.trans");
+  const int lane = ::cuemu::me().lane;
+  unsigned char* mine = static_cast<unsigned char*>(smem_row);
+  std::memcpy(::cuemu::slot(lane), &mine, sizeof mine);
+  ::cuemu::warp_sync();
+  for (int j = 0; j < 4; ++j)
+    for (int e = 0; e < 2; ++e) {
+      unsigned char* row;
+      std::memcpy(&row, ::cuemu::slot(8 * j + 2 * (lane & 3) + e), sizeof row);
+      const unsigned short v = static_cast<unsigned short>(e ? r[j] >> 16 : r[j] & 0xFFFFu);
+      std::memcpy(row + 2 * (lane >> 2), &v, sizeof v);
+    }
+  ::cuemu::warp_sync();  // the addresses stay in the slots until every lane has written
+}
+
 template <int kN, typename T>
 __device__ __forceinline__ void wgmma_m64k16_rs(float (&d)[kN / 2], const unsigned (&a)[4], unsigned long long desc_b) {
   static_assert(kN % 8 == 0 && kN >= 8 && kN <= 256, "wgmma m64nNk16: N a multiple of 8 in [8, 256]");
