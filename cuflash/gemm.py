@@ -193,22 +193,24 @@ _DUAL_TILE = (64, 2)
 # of shared memory); 256 weight rows: 6 stages (faster than 8 in both GPU MODE cases measured)
 _HOPPER_STAGES = 8
 _HOPPER_STAGES_2RB = 6
-# Time model of the hopper group GEMM for choosing 128 or 256 weight rows per tile (H100, session 4,
-# bench/sweep.py gemm on the GPU MODE cases): a tile of k_stages stages takes k_stages * c + e us,
-# and the persistent grid runs ceil(tiles / SMs) rounds of tiles. Fitted on cases 1 and 2, it
-# predicts cases 3 and 4 within 10%: 128 tokens x 128 rows c = 0.62, e = 9.3; x 256 rows (6 stages)
-# c = 1.05, e = 14.4 (the larger tile is ~15% cheaper per MMA but halves the tiles).
-_HOPPER_TILE_US = {1: (0.62, 9.3), 2: (1.05, 14.4)}
+# Time model of the hopper group GEMM for choosing 128 or 256 weight rows per tile and stream-K: the
+# persistent grid runs ceil(tiles / SMs) rounds of tiles, a round of k_stages stages takes
+# k_stages * c + e_round us, and a launch e0 more. Refitted in session 11 on the H100 after the epilogue
+# went through shared memory (scratch sweep: one 128-token group, 1-3 rounds of 132 tiles, K 512-8192,
+# data parallel, GPU time; residuals within 2 us at 128 rows, 5 us at 256): 128 tokens x 128 rows
+# c = 0.624, e_round = 1.3, e0 = 8.2 (an empty launch alone measures 3.6 there); x 256 rows (6 stages)
+# c = 1.02, e_round = 2.65, e0 = 11.1 (~18% cheaper per MMA, but half the tiles).
+_HOPPER_TILE_US = {1: (0.624, 1.3, 8.2), 2: (1.02, 2.65, 11.1)}
 
 
 def _hopper_round_estimate(shapes, block_m: int, row_blocks: int, sms: int) -> float:
-    c, e = _HOPPER_TILE_US[row_blocks]
+    c, e_round, e0 = _HOPPER_TILE_US[row_blocks]
     per_problem = [(tile_count([m], [n], block_m, BLOCK_N * row_blocks), k // STAGE_K) for m, n, k in shapes]
     tiles = sum(t for t, _ in per_problem)
     if tiles == 0:
         return 0.0
     stages = sum(t * ks for t, ks in per_problem) / tiles
-    return V.ceil_div(tiles, sms) * (stages * c + e)
+    return V.ceil_div(tiles, sms) * (stages * c + e_round) + e0
 
 
 def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable", shapes=None,
@@ -265,12 +267,13 @@ def kernel_variants() -> list[GemmKernelConfig]:
 
 WGMMA_ENV = "CUFLASH_GEMM_WGMMA"
 STREAM_K_ENV = "CUFLASH_GEMM_STREAMK"
-# Stream-K's cost beyond its stages (H100, session 10, scratch A/B of data parallel against forced stream-K):
-# about 10 us per accumulator set a CTA parks and sums (GPU MODE group cases 1, 3 and 4 with 128-row tiles:
-# 9.2, 10.5 and 10.7 us over the tile model; the dual GEMM, two sets: 17-26 us). The dual GEMM's stage
-# costs 0.83 us (2 rounds of 112 stages in 204.5 us, M=512 N=3072 K=7168; one set's tile model: 0.62).
-_STREAM_K_FIXUP_US_PER_SET = 10.0
-_DUAL_STAGE_US = 0.83
+# Stream-K's cost beyond its stages (H100, scratch A/B of data parallel against forced stream-K, W4A16;
+# refitted in session 11 with the model above): about 8 us per accumulator set a CTA parks and sums (GPU
+# MODE group cases 1, 3 and 4 with 128-row tiles: 9.1, 7.8 and 6.9 us over the model; the dual GEMM M=512
+# N=3072 K=7168, two sets: 16). The dual GEMM's stage costs 0.823 us (2 rounds of 112 stages in 195.2 us,
+# M=512 N=3072 K=7168, data parallel).
+_STREAM_K_FIXUP_US_PER_SET = 8.0
+_DUAL_STAGE_US = 0.823
 
 
 def _accumulator_sets(cfg: GemmKernelConfig) -> int:
@@ -303,11 +306,11 @@ def stream_k_grid(cfg: GemmKernelConfig, table: np.ndarray, tiles: int, slots: i
         return grid
     if cfg.row_blocks != 1:
         return 0
-    c, e = _HOPPER_TILE_US[1]
+    c, e_round, e0 = _HOPPER_TILE_US[1]
     if cfg.dual:
         c = _DUAL_STAGE_US
-    data_parallel = V.ceil_div(tiles, slots) * (kts * c + e)
-    stream_k = V.ceil_div(units, grid) * c + e + _STREAM_K_FIXUP_US_PER_SET * _accumulator_sets(cfg)
+    data_parallel = V.ceil_div(tiles, slots) * (kts * c + e_round) + e0
+    stream_k = V.ceil_div(units, grid) * c + e_round + e0 + _STREAM_K_FIXUP_US_PER_SET * _accumulator_sets(cfg)
     return grid if stream_k < 0.95 * data_parallel else 0
 
 
