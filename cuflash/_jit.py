@@ -554,8 +554,9 @@ class ProgrammaticLaunch:
         cp = require_cupy()
         with cp.cuda.Device(self.kernel.device_id):
             self.kernel._opt_in_smem(cp, self.smem)
-            self._config.stream = stream.ptr
-            err = fn(ctypes.addressof(self._config), self.kernel.function.ptr, self._params, None)
+            config = CuLaunchConfig.from_buffer_copy(self._config)  # per call: replays may run on other threads
+            config.stream = stream.ptr
+            err = fn(ctypes.addressof(config), self.kernel.function.ptr, self._params, None)
         if err != 0:  # e.g. a driver without programmatic launches: nothing was queued
             global _launch_ex_fn
             _launch_ex_fn = False
