@@ -739,13 +739,11 @@ __device__ __forceinline__ float epilogue_value(const GemmProblem& p, const floa
 }
 
 // Epilogue, element by element (fp32 output): acc[w * kRowBlocks + b][4j + e] is (weight row row0 + 64 b +
-// 8 (e >= 2), token 8j + 2t + (e & 1)).
+// 8 (e >= 2), token 8j + 2t + (e & 1)); row0 as in consume.
 template <class Tr, int kBlockM, bool kDual>
 __device__ __forceinline__ void store_tile_direct(const TileView& v, const float (&acc)[Tr::kSets][Tr::kAcc],
-                                                  int out_dtype) {
-  const int cw = threadIdx.x / 32 - kWarpgroupThreads / 32;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int row0 = (cw / 4) * (kWgmmaM * Tr::kRowBlocks) + (cw % 4) * 16 + g;
+                                                  int out_dtype, int row0) {
+  const int t = threadIdx.x & 3;
 #pragma unroll
   for (int b = 0; b < Tr::kRowBlocks; ++b)
 #pragma unroll
@@ -765,15 +763,6 @@ __device__ __forceinline__ void store_tile_direct(const TileView& v, const float
 }
 
 constexpr unsigned kEpiBarrier = 2;  // named barriers 2 and 3: consumer warpgroup 0's and 1's epilogue
-
-__device__ __forceinline__ unsigned pack_out(float lo, float hi, __half) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const unsigned*>(&h);
-}
-__device__ __forceinline__ unsigned pack_out(float lo, float hi, __nv_bfloat16) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const unsigned*>(&h);
-}
 
 // Epilogue of a 16-bit output (all threads of both consumer warpgroups). Each warpgroup writes one 64-row
 // block of its tile at a time into its buffer in shared memory, token-major (stmatrix.trans: one x4 per
@@ -802,7 +791,7 @@ __device__ __forceinline__ void store_tile_16(unsigned char* epi, const TileView
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
         const int i = 4 * (2 * jj + x / 2) + 2 * (x % 2);
-        r[x] = pack_out(epilogue_value<Tr, kDual>(p, acc, b, i), epilogue_value<Tr, kDual>(p, acc, b, i + 1), OutT());
+        r[x] = pack2<OutT>(epilogue_value<Tr, kDual>(p, acc, b, i), epilogue_value<Tr, kDual>(p, acc, b, i + 1));
       }
       const int x = lane >> 3;
       stmatrix_x4_trans(buf + (8 * (2 * jj + x / 2) + (lane & 7)) * Tr::kEpiPitch + (16 * w + 8 * (x % 2)) * 2, r);
@@ -915,7 +904,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, Ring ring, const Ge
 
     if (out_dtype == kOutF16) store_tile_16<Tr, kBlockM, kDual, __half>(smem + Tr::kPipeBytes, v, acc);
     else if (out_dtype == kOutBF16) store_tile_16<Tr, kBlockM, kDual, __nv_bfloat16>(smem + Tr::kPipeBytes, v, acc);
-    else store_tile_direct<Tr, kBlockM, kDual>(v, acc, out_dtype);
+    else store_tile_direct<Tr, kBlockM, kDual>(v, acc, out_dtype, row0);
   }
 }
 

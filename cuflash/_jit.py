@@ -26,7 +26,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -430,6 +430,11 @@ def smem_per_sm(device_id: int) -> int:
     return _device_props(device_id)["smem_per_sm"]
 
 
+def _dim3(x) -> tuple[int, ...]:
+    """A grid or block size (an int or a tuple of up to three) as a tuple of ints."""
+    return tuple(int(v) for v in (x if isinstance(x, tuple) else (x,)))
+
+
 class Kernel:
     """A compiled kernel bound to one device. Call it through :meth:`launch`."""
 
@@ -470,8 +475,7 @@ class Kernel:
         cp = require_cupy()
         check_launch_args(self.name, args, cp.ndarray)
         smem = int(smem)
-        grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
-        block = tuple(int(b) for b in (block if isinstance(block, tuple) else (block,)))
+        grid, block = _dim3(grid), _dim3(block)
         if min(grid) == 0:
             return  # nothing to do; CUDA rejects empty grids
         with cp.cuda.Device(self.device_id):
@@ -531,8 +535,7 @@ class ProgrammaticLaunch:
         cp = require_cupy()
         check_launch_args(kernel.name, args, cp.ndarray)
         self.kernel, self.args, self.smem = kernel, tuple(args), int(smem)
-        self.grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
-        self.block = tuple(int(b) for b in (block if isinstance(block, tuple) else (block,)))
+        self.grid, self.block = _dim3(grid), _dim3(block)
 
         self._attr = CuLaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
         self._attr.value[0] = 1  # programmaticStreamSerializationAllowed
@@ -561,6 +564,29 @@ class ProgrammaticLaunch:
             global _launch_ex_fn
             _launch_ex_fn = False
             self.kernel.launch(self.grid, self.block, self.args, stream=stream, smem=self.smem)
+
+
+@dataclass
+class Launch:
+    """One kernel launch with its arguments fixed: what an op prepares once and replays (the GEMM's
+    prepared calls, an attention plan's runs). ``programmatic``: launched with programmatic dependent
+    launch (see ProgrammaticLaunch) after the launch before it."""
+
+    kernel: Kernel
+    grid: Any  # int or tuple
+    threads: Any  # int or tuple
+    smem: int
+    args: tuple
+    programmatic: bool = False
+    _pdl: Any = None  # the ProgrammaticLaunch, made at the first launch
+
+    def launch(self, stream) -> None:
+        if self.programmatic:
+            if self._pdl is None:
+                self._pdl = ProgrammaticLaunch(self.kernel, self.grid, self.threads, self.args, self.smem)
+            self._pdl.launch(stream)
+        else:
+            self.kernel.launch(self.grid, self.threads, self.args, stream=stream, smem=self.smem)
 
 
 def check_launch_args(name: str, args: Sequence, array_type) -> None:

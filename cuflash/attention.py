@@ -421,9 +421,9 @@ def _host_int(name: str, x) -> np.ndarray:
 
 
 def _start(launches, stream) -> None:
-    """Launch (kernel, grid, threads, args, smem) tuples in order on ``stream``."""
-    for kernel, grid, threads, args, smem in launches:
-        kernel.launch(grid, threads, args, stream=stream, smem=smem)
+    """Launch each _jit.Launch in order on ``stream``."""
+    for ln in launches:
+        ln.launch(stream)
 
 
 class AttentionPlan:
@@ -573,7 +573,7 @@ class AttentionPlan:
         _start(launches, interop.caller_stream(self.device_id, torch_in))
 
     def _launches(self, q, k_pages, v_pages, table, lens, out, lse) -> list:
-        """(kernel, grid, threads, args, smem) of each launch of a run on these arrays."""
+        """The launches (_jit.Launch) of a run on these arrays."""
         scale_log2 = np.float32(self.softmax_scale * math.log2(math.e))
         stride = np.int32(table.shape[1])
         launches = []
@@ -582,8 +582,8 @@ class AttentionPlan:
             args = (q, k_pages, v_pages, table, stride, lens, self._q_indptr, work, np.int32(self.num_heads),
                     np.int32(self.group), np.int32(self.page_size), scale_log2, np.int32(self.causal), out, lse, o_part,
                     lse_part, np.int32(spec.n_part_rows), counters)
-            launches.append((kernel, (work.shape[0], self.num_kv_heads, spec.num_splits), spec.config.threads, args,
-                             spec.config.smem_bytes))
+            launches.append(_jit.Launch(kernel, (work.shape[0], self.num_kv_heads, spec.num_splits), spec.config.threads,
+                                        spec.config.smem_bytes, args))
         return launches
 
     def _check_run_args(self, q, k_pages, v_pages, block_table, kv_lens, out, lse) -> None:

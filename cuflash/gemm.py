@@ -774,27 +774,6 @@ def _device_table(cp, table: np.ndarray, device_id: int):
 
 
 @dataclass
-class _Launch:
-    kernel: Any  # _jit.Kernel
-    grid: Any  # int or tuple
-    threads: int
-    smem: int
-    args: tuple
-    # launched with programmatic dependent launch (the wgmma kernel after dequant_tokens_kernel: it may
-    # start while the dequant finishes, and waits for its tokens in griddep_wait)
-    programmatic: bool = False
-    _pdl: Any = None  # the _jit.ProgrammaticLaunch, made at the first launch
-
-    def launch(self, stream) -> None:
-        if self.programmatic:
-            if self._pdl is None:
-                self._pdl = _jit.ProgrammaticLaunch(self.kernel, self.grid, self.threads, self.args, self.smem)
-            self._pdl.launch(stream)
-        else:
-            self.kernel.launch(self.grid, self.threads, self.args, stream=stream, smem=self.smem)
-
-
-@dataclass
 class _Prepared:
     """Everything one GEMM call launches once its arguments are validated (nothing when there is
     nothing to compute; two kernels for Hopper W4A4), replayed as is when the same arrays (same
@@ -854,7 +833,7 @@ def _prepare(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int
         workspace = cp.empty(max(1, nbytes), dtype=cp.uint8)
         deq_table, table = dequant_tables(table, int(workspace.data.ptr) + ws_offsets)
         dk = _jit.get_kernel(cfg, cfg.DEQUANT_KERNEL, ctx.device_id)
-        launches.append(_Launch(dk, dequant_grid(deq_table), _DEQUANT_THREADS, 0,
+        launches.append(_jit.Launch(dk, dequant_grid(deq_table), _DEQUANT_THREADS, 0,
                                 (_device_table(cp, deq_table, ctx.device_id), offs, np.int32(int(blocked)))))
     dev_table = _device_table(cp, table, ctx.device_id)
     kernel = _jit.get_kernel(cfg, cfg.name_expression(), ctx.device_id)
@@ -875,7 +854,7 @@ def _prepare(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int
             workspace = (workspace, partials, counters)
         args += (np.uint64(0 if partials is None else partials.data.ptr),
                  np.uint64(0 if counters is None else counters.data.ptr))
-    launches.append(_Launch(kernel, grid, cfg.threads, smem, args, programmatic=cfg.dequant_first))
+    launches.append(_jit.Launch(kernel, grid, cfg.threads, smem, args, programmatic=cfg.dequant_first))
     return _Prepared(launches, workspace)
 
 

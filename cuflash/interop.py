@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,6 @@ from ._jit import require_gpu
 
 
 def _torch_module():
-    import sys
-
     return sys.modules.get("torch")  # never import torch ourselves: if it is not loaded, no tensor exists
 
 
@@ -64,8 +63,6 @@ def replay_key(arrays):
     dtype; None when one is neither a CuPy array nor a torch tensor (the full path explains). Exact type
     checks first: this runs for every operand of every call (40 tensors for 8 W4A4 groups), and
     isinstance on torch.Tensor is slow. ~1 us per array."""
-    import sys
-
     torch, cp = sys.modules.get("torch"), sys.modules.get("cupy")
     try:
         return _array_key(arrays, torch.Tensor if torch is not None else None, cp.ndarray if cp is not None else None)
@@ -79,8 +76,6 @@ def is_torch_tensor(x) -> bool:
 
 
 def is_cupy_array(x) -> bool:
-    import sys
-
     cp = sys.modules.get("cupy")
     return cp is not None and isinstance(x, cp.ndarray)
 
