@@ -3,7 +3,8 @@
     ncu --set full -k regex:group_gemm --launch-skip 2 --launch-count 1 python3 bench/profile_kernels.py gemm-w4a16
     python3 bench/profile_kernels.py --list
 
-Cases: the first GPU MODE group GEMM case (G=8, M=128, N=4096, K=7168) in W4A4 and W4A16 form, and
+Cases: the first GPU MODE group GEMM case (G=8, M=128, N=4096, K=7168) in W4A4 and W4A16 form, the
+first MoE decode case (ragged, 64 experts of 1-16 rows, N=4096, K=7168) in W4A16 form, and
 the attention benchmark's prefill B=1 S=4096 and decode B=1 S=32768 (32 query heads, 8 KV heads,
 head dim 128). Set CUFLASH_GEMM_WGMMA=1 for the Hopper GEMM kernel.
 """
@@ -29,6 +30,19 @@ def gemm_case(cp, rng, form: str):
     return lambda: gemm.group_gemm(A, B, SA, SB, out=out)
 
 
+def moe_case(cp, rng):
+    from cuflash import gemm
+
+    G, N, K = 64, 4096, 7168
+    rows = rng.integers(1, 17, G)
+    offsets = cp.asarray(np.concatenate([[0], np.cumsum(rows)]).astype(np.int32))
+    a = cp.asarray(rng.standard_normal((int(rows.sum()), K), dtype=np.float32)).astype(cp.float16)
+    b = cp.asarray(rng.integers(0, 256, (G, N, K // 2), dtype=np.uint8))
+    sb = cp.asarray(rng.integers(0x20, 0x40, (G, N, K // 16), dtype=np.uint8))
+    out = cp.empty((a.shape[0], N), dtype=cp.float16)
+    return lambda: gemm.group_gemm_ragged(a, b, None, sb, offsets, out=out)
+
+
 def attention_case(cp, rng, decode: bool):
     import bench_attention as BA
 
@@ -40,6 +54,7 @@ def attention_case(cp, rng, decode: bool):
 CASES = {
     "gemm-w4a4": lambda cp, rng: gemm_case(cp, rng, "W4A4"),
     "gemm-w4a16": lambda cp, rng: gemm_case(cp, rng, "W4A16"),
+    "moe-w4a16": moe_case,
     "attn-prefill": lambda cp, rng: attention_case(cp, rng, False),
     "attn-decode": lambda cp, rng: attention_case(cp, rng, True),
 }

@@ -1,10 +1,11 @@
 """Kernel-variant sweep on the GPU: the same cases timed under configurations the heuristics do not
 pick, to choose tile sizes, pipeline depths and split counts from measurements (one device visit).
 
-    python bench/sweep.py [gemm] [attention] [--json PATH] [--iters 20]
+    python bench/sweep.py [gemm] [moe] [attention] [--json PATH] [--iters 20]
 
 gemm: the four GPU MODE group GEMM cases (bench_group_gemm.GPUMODE_GROUP's row counts), W4A4 and W4A16, each config of PORTABLE and HOPPER (hopper
-only on compute capability 9.0). attention: decode B=1 S=32768 and B=16 S=8192 (page 16) over
+only on compute capability 9.0). moe: the MoE decode cases of bench_group_gemm.MOE (ragged, 1-16 rows per
+expert), W4A4 and W4A16, over MOE_PORTABLE and MOE_HOPPER. attention: decode B=1 S=32768 and B=16 S=8192 (page 16) over
 DECODE_CONFIGS x split multipliers, and prefill B=1 S=4096 over PREFILL_CONFIGS (32 query heads, 8 KV
 heads, d128, fp16). Each output is compared with the default choice's output (max |diff|, printed), so
 a broken variant shows. Configs are forced by replacing the heuristics (gemm.choose_config,
@@ -26,6 +27,10 @@ from common import Results, environment, gemm_operands, require_gpu_or_exit, tim
 PORTABLE = [(128, 2, 4), (64, 1, 4)]
 # (block_m, stages, row_blocks)
 HOPPER = [(128, 8, 1), (128, 6, 2), (128, 8, 2), (128, 6, 1), (64, 8, 1)]
+# MoE decode (few rows per expert): (block_m, warps_m, stages) and (block_m, stages, row_blocks)
+# (block_m, warps_m, stages, sub_stages)
+MOE_PORTABLE = [(16, 1, 4, 1), (16, 1, 2, 2), (16, 1, 2, 4), (16, 1, 3, 4)]
+MOE_HOPPER = [(16, 6, 2)]
 # (block_n, warps, stages)
 DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 4), (128, 4, 2), (64, 2, 3)]
 SPLIT_FACTORS = [1, 2, 4]
@@ -83,6 +88,54 @@ def sweep_gemm(cp, res, iters):
                 print(f"gemm {case} {form} {name}: {t.median_us:.1f} us (max |diff| vs default {diff:.3g})", flush=True)
 
 
+def sweep_moe(cp, res, iters):
+    from bench_group_gemm import MOE
+    from cuflash import _jit, gemm
+
+    rng = np.random.default_rng(0)
+    hopper = _jit.device_cc(cp.cuda.Device().id) == (9, 0)
+    for case, G, (lo, hi), N, K in MOE:
+        rows = rng.integers(lo, hi + 1, G)
+        offsets = cp.asarray(np.concatenate([[0], np.cumsum(rows)]).astype(np.int32))
+        total = int(rows.sum())
+        b = cp.asarray(rng.integers(0, 256, (G, N, K // 2), dtype=np.uint8))
+        sb = cp.asarray(rng.integers(0x20, 0x40, (G, N, K // 16), dtype=np.uint8))
+        for form in ("W4A4", "W4A16"):
+            tokens = "nvfp4" if form == "W4A4" else "float16"
+            if form == "W4A4":
+                a = cp.asarray(rng.integers(0, 256, (total, K // 2), dtype=np.uint8))
+                sa = cp.asarray(rng.integers(0x20, 0x40, (total, K // 16), dtype=np.uint8))
+            else:
+                a, sa = cp.asarray(rng.standard_normal((total, K), dtype=np.float32)).astype(cp.float16), None
+            out = cp.empty((total, N), dtype=cp.float16)
+            gemm.group_gemm_ragged(a, b, sa, sb, offsets, out=out)  # the default choice: the yardstick
+            want = out.astype(cp.float32)
+            configs = [gemm.GemmKernelConfig(tokens, bm, wm, st, sub_stages=sub) for bm, wm, st, sub in MOE_PORTABLE]
+            if hopper:
+                configs += [gemm.GemmKernelConfig(tokens, bm, 1, st, arch="hopper", row_blocks=rb)
+                            for bm, st, rb in MOE_HOPPER]
+            nbytes = G * N * (K // 2 + K // 16) + total * (K * 2 if form == "W4A16" else K // 2 + K // 16) + 2 * total * N
+            for cfg in configs:
+                name = cfg.kernel_name()
+                try:
+                    gemm._launch_cache.clear()
+                    with forced(gemm, "choose_config", lambda *a_, cfg=cfg, **k_: cfg):
+                        out.fill(np.nan)
+                        run = lambda: gemm.group_gemm_ragged(a, b, sa, sb, offsets, out=out)  # noqa: E731
+                        run()
+                        diff = float(cp.abs(out.astype(cp.float32) - want).max())
+                        t = time_fn(run, iters=iters)
+                    gemm._launch_cache.clear()
+                except Exception as exc:
+                    print(f"moe {case} {form} {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                res.add(f"moe_{form}", case, name, t, max_abs_diff_vs_default=diff, nbytes=nbytes)
+                print(f"moe {case} {form} {name}: {t.median_us:.1f} us, {nbytes / t.median_us / 1e6:.2f} TB/s "
+                      f"(max |diff| vs default {diff:.3g})", flush=True)
+        b = sb = a = sa = out = None
+        cp.get_default_memory_pool().free_all_blocks()
+
+
 def sweep_attention(cp, res, iters):
     import bench_attention as BA
     from cuflash import attention as A
@@ -138,7 +191,8 @@ def sweep_attention(cp, res, iters):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", choices=("gemm", "attention"), default=["gemm", "attention"])
+    ap.add_argument("what", nargs="*", choices=("gemm", "moe", "attention"),
+                    default=["gemm", "moe", "attention"])
     ap.add_argument("--json")
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
@@ -146,6 +200,8 @@ def main() -> int:
     res = Results()
     if "gemm" in args.what:
         sweep_gemm(cp, res, args.iters)
+    if "moe" in args.what:
+        sweep_moe(cp, res, args.iters)
     if "attention" in args.what:
         sweep_attention(cp, res, args.iters)
     if args.json:

@@ -21,8 +21,12 @@
 // row per stage and the tokens one 16-byte load per 8 values, with no ldmatrix.
 //
 // Pipeline: kStages shared-memory stages filled by cp.async (weights, scales and tokens as they lie
-// in global memory), one barrier per stage. W4A4 tokens are dequantized once per CTA and stage into
-// an fp16 buffer (a second barrier), so the inner loop is the same for W4A4 and W4A16.
+// in global memory), one barrier per stage. A pipeline stage holds kSub sub-stages of kStageK values
+// (each laid out as a whole stage of kSub = 1), so that every weight row is read kSub * 32 contiguous
+// bytes at a time: on the H100 a read of 128-row tiles reached 2.1 TB/s at 32 bytes per row and step,
+// 2.5 at 64 and the copy bandwidth (2.95) at 128 (session 12), which caps the memory-bound calls (MoE
+// decode) below the copy bandwidth at kSub = 1. W4A4 tokens are dequantized once per CTA and stage
+// into an fp16 buffer per sub-stage (a second barrier), so the inner loop is the same for W4A4 and W4A16.
 // Tiles past the edges (n >= N, m >= M) load the last valid row instead (always in bounds; their
 // results are never stored).
 //
@@ -81,14 +85,15 @@ __device__ __forceinline__ const unsigned char* scale_ptr(long long base, int ro
 template <int kTokens> struct MmaType { using type = __half; };
 template <> struct MmaType<kTokensBF16> { using type = __nv_bfloat16; };
 
-template <int kBlockM, int kWarpsM, int kStages, int kTokens, bool kDual>
+template <int kBlockM, int kWarpsM, int kStages, int kTokens, bool kDual, int kSub_>
 struct GemmTraits {
   using MmaT = typename MmaType<kTokens>::type;
+  static constexpr int kSub = kSub_;  // sub-stages of kStageK values per pipeline stage
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kWarpTokens = kBlockM / kWarpsM;   // tokens per warp
   static constexpr int kMmaTilesM = kWarpTokens / 8;      // n8 MMA tiles per warp
   static constexpr int kWeights = kDual ? 2 : 1;          // weight operands (B, or B1 and B2)
-  // Shared memory of one stage, every part a multiple of 16 bytes.
+  // Shared memory of one sub-stage, every part a multiple of 16 bytes.
   static constexpr int kWeightBytes = kBlockN * kStagePackedBytes;
   static constexpr int kWeightScaleBytes = kBlockN * kStageScales;
   static constexpr int kTokenBytes =
@@ -99,9 +104,10 @@ struct GemmTraits {
   static constexpr int kTokenOffset = kWeights * (kWeightBytes + kWeightScaleBytes);
   static constexpr int kStageBytes =
       kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes + kTokenScaleBytes;
-  // W4A4: one fp16 buffer of dequantized tokens for the current stage.
+  static constexpr int kSlotBytes = kSub * kStageBytes;  // one pipeline stage
+  // W4A4: one fp16 buffer of dequantized tokens per sub-stage of the current stage.
   static constexpr int kTokenF16Bytes = kTokens == kTokensNVFP4 ? kBlockM * kTokenPitch : 0;
-  static constexpr int kPipeBytes = kStages * kStageBytes + kTokenF16Bytes;
+  static constexpr int kPipeBytes = kStages * kSlotBytes + kSub * kTokenF16Bytes;
   static_assert(kBlockM % (8 * kWarpsM) == 0, "each warp needs whole n8 MMA tiles");
   static_assert(kStageBytes % 16 == 0, "stage buffers must stay 16-byte aligned");
   // Byte offset of 16-byte chunk c (values 8c .. 8c+7) of fp16 token row r: padded rows.
@@ -230,17 +236,6 @@ struct TileLoader {
     if (kt < kts) load(Stage<Tr, kTokens, kDual>{smem + (kt % kStages) * Tr::kStageBytes}, kt);
   }
 
-  // The pipeline's first kStages - 1 stages, one cp.async group each (empty groups too, so that the
-  // group count, and hence every later wait, is the same for every thread and tile).
-  template <int kStages>
-  __device__ __forceinline__ void prologue(unsigned char* smem, int kts) const {
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      load_if<kStages>(smem, s, kts);
-      cp_async_commit();
-    }
-  }
-
   // Issue stage kt's copies into `st`.
   __device__ __forceinline__ void load(const Stage<Tr, kTokens, kDual>& st, int kt) const {
     const int tid = threadIdx.x;
@@ -271,6 +266,144 @@ struct TileLoader {
         cp_async_4(st.token_scales() + (tid + j * kT) * kStageScales, ts[j] + sc);
   }
 };
+
+// TileLoader for pipeline stages of Tr::kSub > 1 sub-stages (the portable kernel's 16-token tiles), same
+// interface. An item is one 16-byte piece of a row (4 bytes for scales); the pieces of one row and
+// stage, all its sub-stages in K order, are consecutive items, so consecutive threads read contiguous
+// global memory (kSub * 32 bytes of every weight row). As in TileLoader, each thread keeps one piece
+// column (hence one sub-stage) and its sources move by a fixed stride per stage. Sub-stages past the
+// tile's last stage (K / 64 not a multiple of kSub) are skipped. TileLoader is this loader's kSub = 1
+// case written out: on the H100 (session 12) building the wgmma kernel's producer from this general
+// form instead cost 1-2% on the GPU MODE cases (same-process A/B), and variants of its index
+// arithmetic moved the MoE decode case by 5%, so each kernel keeps the form measured fastest.
+template <class Tr, int kTokens, bool kDual, int kBlockM>
+struct SubStageLoader {
+  static constexpr int kT = Tr::kThreads;
+  static constexpr int kSub = Tr::kSub;
+  static constexpr int kRows = Tr::kBlockRows;
+  static constexpr int kWeightPieces = 2 * kSub;  // 16-byte pieces per weight row and stage
+  static constexpr int kWeightShift = kSub == 2 ? 2 : 3;  // log2(kWeightPieces)
+  static constexpr int kWeightItems = kRows * kWeightPieces;
+  static constexpr int kTokenChunks = kTokens == kTokensNVFP4 ? 2 : kStageK * 2 / 16;  // per token row and sub-stage
+  static constexpr int kTokenPieces = kTokenChunks * kSub;
+  static constexpr int kTokenItems = kBlockM * kTokenPieces;
+  static constexpr int kW = (kWeightItems + kT - 1) / kT;
+  static constexpr int kWs = (kRows * kSub + kT - 1) / kT;
+  static constexpr int kTok = (kTokenItems + kT - 1) / kT;
+  static constexpr int kTs = kTokens == kTokensNVFP4 ? (kBlockM * kSub + kT - 1) / kT : 0;
+  static_assert(kSub == 2 || kSub == 4, "2 or 4 sub-stages per pipeline stage (1: TileLoader)");
+  static_assert(kT % kTokenPieces == 0 && kT % kWeightPieces == 0 && kT % kSub == 0,
+                "each thread keeps one piece column");
+  static constexpr int kTokenBytesPerStage = kTokenChunks * 16;
+  static_assert(kTokens == kTokensNVFP4 || kBlockM % 8 == 0, "token rows in groups of 8");
+
+  const unsigned char* w[Tr::kWeights][kW];
+  const unsigned char* ws[Tr::kWeights][kWs];
+  const unsigned char* tok[kTok];
+  const unsigned char* ts[kTs > 0 ? kTs : 1];
+  int scale_step;  // bytes between the scale words of consecutive sub-stages: 4 plain, 512 blocked
+
+  __device__ __forceinline__ explicit SubStageLoader(const TileView& v) {
+    const int tid = threadIdx.x;
+    scale_step = v.blocked ? kAtomBytes : kStageScales;
+#pragma unroll
+    for (int o = 0; o < Tr::kWeights; ++o) {
+#pragma unroll
+      for (int j = 0; j < kW; ++j) {
+        const int i = tid + j * kT, r = i >> kWeightShift;
+        w[o][j] = v.b[o] + min(v.n0 + r, v.n - 1) * v.b_row + (i & (kWeightPieces - 1)) * 16;
+      }
+#pragma unroll
+      for (int j = 0; j < kWs; ++j) {
+        const int i = tid + j * kT;
+        ws[o][j] = scale_ptr(v.sfb[o], min(v.n0 + i / kSub, v.n - 1), i % kSub, v.sfb_row, v.blocked, v.num_k_stages);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kTok; ++j) {
+      const int i = tid + j * kT, r = i / kTokenPieces;
+      tok[j] = v.a + (v.row_base + min(v.m0 + r, v.rows - 1)) * v.a_row + (i % kTokenPieces) * 16;
+    }
+#pragma unroll
+    for (int j = 0; j < kTs; ++j) {
+      const int i = tid + j * kT;
+      ts[j] = scale_ptr(v.sfa, v.row_base + min(v.m0 + i / kSub, v.rows - 1), i % kSub, v.sfa_row, v.blocked,
+                        v.num_k_stages);
+    }
+  }
+
+  // Pipeline stage kt's copies into its ring buffer (kt % kStages) of the pipeline at `smem`, if the tile has it
+  // (kts: the tile's sub-stages).
+  template <int kStages>
+  __device__ __forceinline__ void load_if(unsigned char* smem, int kt, int kts) const {
+    if (kt * kSub < kts) load(smem + (kt % kStages) * Tr::kSlotBytes, kt, kts);
+  }
+
+  // Issue pipeline stage kt's copies into the buffer at `slot` (sub-stage s at slot + s * kStageBytes).
+  // Shared-memory offsets of this thread's first piece of each operand: its sub-stage's buffer, row and piece.
+  __device__ __forceinline__ void load(unsigned char* slot, int kt, int kts) const {
+    using St = Stage<Tr, kTokens, kDual>;
+    const int tid = threadIdx.x;
+    const long long sc = static_cast<long long>(kt) * kSub * scale_step;
+    const int w_sub = (tid & (kWeightPieces - 1)) >> 1, t_sub = (tid % kTokenPieces) / kTokenChunks, s_sub = tid % kSub;
+    const int w_off = (tid >> kWeightShift) * kStagePackedBytes + (tid & 1) * 16;
+    const int s_off = (tid / kSub) * kStageScales;
+    auto has = [&](int sub) { return kt * kSub + sub < kts; };  // the tile has this sub-stage
+#pragma unroll
+    for (int o = 0; o < Tr::kWeights; ++o) {
+      if (has(w_sub)) {
+        unsigned char* dst = St{slot + w_sub * Tr::kStageBytes}.weights(o) + w_off;
+#pragma unroll
+        for (int j = 0; j < kW; ++j)
+          if (kWeightItems % kT == 0 || tid + j * kT < kWeightItems)
+            cp_async_16(dst + j * (kT / kWeightPieces) * kStagePackedBytes, w[o][j] + kt * kSub * kStagePackedBytes);
+      }
+      if (has(s_sub)) {
+        unsigned char* dst = St{slot + s_sub * Tr::kStageBytes}.weight_scales(o) + s_off;
+#pragma unroll
+        for (int j = 0; j < kWs; ++j)
+          if ((kRows * kSub) % kT == 0 || tid + j * kT < kRows * kSub)
+            cp_async_4(dst + j * (kT / kSub) * kStageScales, ws[o][j] + sc);
+      }
+    }
+    if (has(t_sub)) {
+      const St st{slot + t_sub * Tr::kStageBytes};
+#pragma unroll
+      for (int j = 0; j < kTok; ++j) {
+        const int i = tid + j * kT, r = i / kTokenPieces, c = i % kTokenChunks;
+        if (kTokenItems % kT == 0 || i < kTokenItems) {
+          unsigned char* dst = kTokens == kTokensNVFP4 ? st.tokens() + (r * kTokenChunks + c) * 16
+                                                       : st.tokens() + Tr::token_chunk_offset(r, c);
+          cp_async_16(dst, tok[j] + kt * kSub * kTokenBytesPerStage);
+        }
+      }
+    }
+    if (has(s_sub)) {
+      unsigned char* dst = St{slot + s_sub * Tr::kStageBytes}.token_scales() + s_off;
+#pragma unroll
+      for (int j = 0; j < kTs; ++j)
+        if ((kBlockM * kSub) % kT == 0 || tid + j * kT < kBlockM * kSub)
+          cp_async_4(dst + j * (kT / kSub) * kStageScales, ts[j] + sc);
+    }
+  }
+};
+
+// The pipeline's first kStages - 1 stages (TileLoader or SubStageLoader), one cp.async group each (empty
+// groups too, so that the group count, and hence every later wait, is the same for every thread and tile).
+template <int kStages, class Loader>
+__device__ __forceinline__ void load_prologue(const Loader& loader, unsigned char* smem, int kts) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    loader.template load_if<kStages>(smem, s, kts);
+    cp_async_commit();
+  }
+}
+
+// The portable kernel's loader: SubStageLoader with sub-stages, else TileLoader.
+template <class Tr, int kTokens, bool kDual, int kBlockM, bool kSubStages>
+struct LoaderOf { using type = TileLoader<Tr, kTokens, kDual, kBlockM>; };
+template <class Tr, int kTokens, bool kDual, int kBlockM>
+struct LoaderOf<Tr, kTokens, kDual, kBlockM, true> { using type = SubStageLoader<Tr, kTokens, kDual, kBlockM>; };
 
 // W4A4: dequantize the stage's packed tokens into the fp16 buffer, natural K order, each 16-byte
 // chunk where Tr::token_chunk_offset puts it.
@@ -355,26 +488,30 @@ __device__ __forceinline__ void store_out(const GemmProblem& p, int out_dtype, l
 
 // Persistent grouped GEMM. problems [num_problems] (GemmProblem); offsets [groups + 1] int32 for
 // ragged problems (else unused); blocked_scales: 0 plain, 1 blocked; out_dtype: kOut*.
-template <int kBlockM, int kWarpsM, int kStages, int kTokens, bool kDual>
-__global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens, kDual>::kThreads)
+template <int kBlockM, int kWarpsM, int kStages, int kTokens, bool kDual, int kSub>
+__global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens, kDual, kSub>::kThreads)
     group_gemm_kernel(const GemmProblem* __restrict__ problems, int num_problems, const int* __restrict__ offsets,
                       int blocked_scales, int out_dtype) {
-  using Tr = GemmTraits<kBlockM, kWarpsM, kStages, kTokens, kDual>;
+  using Tr = GemmTraits<kBlockM, kWarpsM, kStages, kTokens, kDual, kSub>;
   using St = Stage<Tr, kTokens, kDual>;
   extern __shared__ __align__(128) unsigned char smem[];
   int* prefix = reinterpret_cast<int*>(smem + Tr::kPipeBytes);
-  unsigned char* tokens_f16_buf = smem + kStages * Tr::kStageBytes;  // W4A4 only
+  unsigned char* tokens_f16_buf = smem + kStages * Tr::kSlotBytes;  // W4A4 only: kSub buffers
 
   build_tile_prefix<kBlockM, kBlockN>(problems, num_problems, offsets, prefix);
   const int total_tiles = prefix[num_problems];
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int warp_n = warp % kWarpsN, warp_m = warp / kWarpsN;
+  // 16-token tiles of W4A4 run after dequant_tokens_kernel (programmatic launch): wait until it has finished
+  // (GemmKernelConfig.dequant_first; other tiles keep their tokens' dequant in the main loop)
+  if constexpr (kBlockM == 16) griddep_wait();
 
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const TileView v = make_tile_view<kDual, kBlockN>(problems, num_problems, offsets, prefix, tile, kBlockM, blocked_scales != 0);
     const GemmProblem& p = *v.problem;
-    const TileLoader<Tr, kTokens, kDual, kBlockM> loader(v);
+    using Loader = typename LoaderOf<Tr, kTokens, kDual, kBlockM, (kSub > 1)>::type;
+    const Loader loader(v);
 
     float acc[Tr::kWeights][kMmaTilesN][Tr::kMmaTilesM][4];
 #pragma unroll
@@ -388,21 +525,32 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
 
     // The previous tile's last stage may still be read by other warps.
     __syncthreads();
-    const int kts = v.num_k_stages;
-    loader.template prologue<kStages>(smem, kts);
-    for (int kt = 0; kt < kts; ++kt) {
+    const int kts = v.num_k_stages;                // sub-stages of kStageK values
+    const int stages = (kts + kSub - 1) / kSub;    // pipeline stages
+    load_prologue<kStages>(loader, smem, kts);
+    for (int kt = 0; kt < stages; ++kt) {
       cp_async_wait<kStages - 2>();  // stage kt has landed (for this thread's copies) ...
       __syncthreads();               // ... for every thread's; all are done with stage kt - 1
       loader.template load_if<kStages>(smem, kt + kStages - 1, kts);
       cp_async_commit();
-      const St st{smem + (kt % kStages) * Tr::kStageBytes};
-      const unsigned char* tokens_f16 = st.tokens();
+      unsigned char* slot = smem + (kt % kStages) * Tr::kSlotBytes;
+      const int subs = kSub == 1 ? 1 : min(kSub, kts - kt * kSub);  // sub-stages of this stage
       if constexpr (kTokens == kTokensNVFP4) {
-        dequant_tokens<Tr, kTokens, kDual, kBlockM>(st, tokens_f16_buf);
+#pragma unroll
+        for (int sub = 0; sub < kSub; ++sub)
+          if (sub < subs) dequant_tokens<Tr, kTokens, kDual, kBlockM>(St{slot + sub * Tr::kStageBytes},
+                                                                      tokens_f16_buf + sub * Tr::kTokenF16Bytes);
         __syncthreads();
-        tokens_f16 = tokens_f16_buf;
       }
-      compute_stage<Tr, kTokens, kDual>(st, tokens_f16, acc, warp_n, warp_m);
+#pragma unroll
+      for (int sub = 0; sub < kSub; ++sub) {
+        if (sub < subs) {
+          const St st{slot + sub * Tr::kStageBytes};
+          const unsigned char* tokens_f16 =
+              kTokens == kTokensNVFP4 ? tokens_f16_buf + sub * Tr::kTokenF16Bytes : st.tokens();
+          compute_stage<Tr, kTokens, kDual>(st, tokens_f16, acc, warp_n, warp_m);
+        }
+      }
     }
     cp_async_wait<0>();
 
@@ -506,6 +654,7 @@ struct WgmmaTraits {
   static constexpr int kThreads = kWarpgroupThreads;  // the producer's threads: TileLoader splits copies over them
   static constexpr int kWeights = kDual ? 2 : 1;
   static constexpr int kRowBlocks = kRowBlocks_;  // wgmma row blocks of 64 per consumer warpgroup (1 or 2)
+  static constexpr int kSub = 1;                  // one kStageK step per ring stage (TileLoader)
   static_assert(kRowBlocks == 1 || kRowBlocks == 2, "one or two row blocks per consumer warpgroup");
   static constexpr int kSets = kWeights * kRowBlocks;          // accumulator sets: set w * kRowBlocks + b
   static constexpr int kBlockRows = kWgConsumers * kWgmmaM * kRowBlocks;  // weight rows per CTA tile
@@ -518,6 +667,7 @@ struct WgmmaTraits {
   static constexpr int kStageBytes =
       (kTokenBytes + kWeights * (kWeightBytes + kWeightScaleBytes) + kSwizzleAtomBytes - 1) / kSwizzleAtomBytes *
       kSwizzleAtomBytes;
+  static constexpr int kSlotBytes = kStageBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
   // Epilogue buffer of each consumer warpgroup (after the ring): one 64-row block of its 16-bit output
   // tile, token-major, kBlockM rows of 64 values + 16 bytes of padding (see store_tile_16).
@@ -946,8 +1096,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   }
 }
 
-// W4A4 before the wgmma kernel: the packed NVFP4 tokens of problem blockIdx.y (a, sfa of its table
-// entry) dequantized to exact fp16 q * s (no alpha) into rows of `c` (c_row elements apart: the
+// W4A4 before the wgmma kernel (and the portable kernel's 16-token tiles): the packed NVFP4 tokens of
+// problem blockIdx.y (a, sfa of its table entry; the host passes a ragged call's shared token matrix as
+// one entry) dequantized to exact fp16 q * s (no alpha) into rows of `c` (c_row elements apart: the
 // call's workspace, not its output). One thread per scale block of 16 values: an 8-byte load,
 // one scale byte, two 16-byte stores.
 constexpr int kDequantThreads = 256;

@@ -92,15 +92,17 @@ _SK_FLAG_BYTES = 4  # the wgmma kernel's stream-K fixup flag, after the tile pre
 class GemmKernelConfig(_jit.KernelConfig):
     """One instantiation of ``cuflash::group_gemm_kernel`` (arch "portable", mma.sync, sm_80+) or of
     ``cuflash::group_gemm_wgmma_kernel`` (arch "hopper", wgmma, warp-specialized, sm_90a only) in
-    cuda_src/gemm.cu. Hopper W4A4 runs ``cuflash::dequant_tokens_kernel`` first (the tokens once to
-    fp16) and then the fp16 wgmma kernel.
+    cuda_src/gemm.cu. W4A4 on the hopper kernel and in the portable kernel's 16-token tiles runs
+    ``cuflash::dequant_tokens_kernel`` first (the tokens once to fp16), then the fp16 GEMM kernel.
 
     tokens: "nvfp4" (W4A4), "float16" or "bfloat16" (W4A16); block_m: tokens per CTA tile (16, 32,
     64 or 128; the wgmma N); warps_m: warps splitting those tokens (4 * warps_m warps in all;
     portable only, 1 for hopper, whose two consumer warpgroups split the weight rows); stages:
     pipeline depth (cp.async groups, or the hopper ring of shared-memory stages); dual: two weight
     operands and the silu-gated epilogue; row_blocks (hopper): 64-row wgmma blocks per consumer
-    warpgroup, 1 (128 weight rows per tile) or 2 (256; one weight operand, block_m <= 128).
+    warpgroup, 1 (128 weight rows per tile) or 2 (256; one weight operand, block_m <= 128);
+    sub_stages (portable): 64-value K steps per pipeline stage, 1, 2 or 4 (each weight row read 32,
+    64 or 128 contiguous bytes at a time; see the pipeline note in gemm.cu).
     """
 
     tokens: str = "nvfp4"
@@ -110,6 +112,7 @@ class GemmKernelConfig(_jit.KernelConfig):
     dual: bool = False
     arch: str = "portable"
     row_blocks: int = 1
+    sub_stages: int = 1
     source = "gemm.cu"
 
     def __post_init__(self):
@@ -128,6 +131,9 @@ class GemmKernelConfig(_jit.KernelConfig):
                                                                        or self.block_m > 128)):
             raise ValueError(f"row_blocks: expected 1, or 2 for the single-operand hopper kernel with block_m <= 128, "
                              f"got {self.row_blocks} ({self.arch}, dual={self.dual}, block_m={self.block_m})")
+        if self.sub_stages not in (1, 2, 4) or (self.sub_stages > 1 and self.arch != "portable"):
+            raise ValueError(f"sub_stages: expected 1, or 2 or 4 for the portable kernel, got {self.sub_stages} "
+                             f"({self.arch})")
 
     @property
     def family(self) -> str:
@@ -144,15 +150,19 @@ class GemmKernelConfig(_jit.KernelConfig):
 
     @property
     def dequant_first(self) -> bool:
-        """Hopper W4A4: the tokens go through dequant_tokens_kernel into an fp16 workspace first."""
-        return self.arch == "hopper" and self.tokens == "nvfp4"
+        """W4A4 on the hopper kernel, and on the portable kernel's 16-token tiles (decode, MoE: every
+        weight tile of a problem would dequantize the same few tokens again, inside its main loop): the
+        tokens go through dequant_tokens_kernel into an fp16 workspace first, and the GEMM reads them
+        as W4A16 tokens."""
+        return self.tokens == "nvfp4" and (self.arch == "hopper" or (self.block_m == 16 and not self.dual))
 
     def name_expression(self) -> str:
         tok, dual = _TOKEN_KINDS[self.tokens], "true" if self.dual else "false"
+        tok = _TOKEN_KINDS["float16"] if self.dequant_first else tok
         if self.arch == "hopper":
-            tok = _TOKEN_KINDS["float16"] if self.dequant_first else tok
             return f"cuflash::group_gemm_wgmma_kernel<{self.block_m}, {self.row_blocks}, {self.stages}, {tok}, {dual}>"
-        return f"cuflash::group_gemm_kernel<{self.block_m}, {self.warps_m}, {self.stages}, {tok}, {dual}>"
+        return (f"cuflash::group_gemm_kernel<{self.block_m}, {self.warps_m}, {self.stages}, {tok}, {dual}, "
+                f"{self.sub_stages}>")
 
     DEQUANT_KERNEL = "cuflash::dequant_tokens_kernel"
 
@@ -162,7 +172,9 @@ class GemmKernelConfig(_jit.KernelConfig):
     def kernel_name(self) -> str:
         kind = "group_gemm_wgmma" if self.arch == "hopper" else "group_gemm"
         rb = f"_rb{self.row_blocks}" if self.arch == "hopper" else ""
-        return f"{kind}_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}{rb}_wm{self.warps_m}_s{self.stages}"
+        sub = f"x{self.sub_stages}" if self.sub_stages > 1 else ""
+        return (f"{kind}_{'dual_' if self.dual else ''}{self.tokens}_bm{self.block_m}{rb}_wm{self.warps_m}"
+                f"_s{self.stages}{sub}")
 
     def smem_bytes(self, num_problems: int) -> int:
         """Dynamic shared memory of a launch over ``num_problems`` problems (GemmTraits /
@@ -178,17 +190,19 @@ class GemmKernelConfig(_jit.KernelConfig):
             stage = V.ceil_div(stage + self.block_m * _WGMMA_TOKEN_TILE, _SWIZZLE_ATOM) * _SWIZZLE_ATOM
             epilogue = 2 * self.block_m * _WGMMA_EPI_PITCH
             return _SWIZZLE_ATOM + self.stages * (stage + 2 * _MBARRIER_BYTES) + epilogue + prefix
-        if self.tokens == "nvfp4":
+        if self.tokens == "nvfp4" and not self.dequant_first:
             stage += self.block_m * (_STAGE_PACKED + _STAGE_SCALES)
-            f16_buffer = self.block_m * _TOKEN_PITCH  # the stage's tokens, dequantized
+            f16_buffer = self.block_m * _TOKEN_PITCH  # a sub-stage's tokens, dequantized
         else:
             stage += self.block_m * _TOKEN_PITCH
             f16_buffer = 0
-        return self.stages * stage + f16_buffer + prefix
+        return self.sub_stages * (self.stages * stage + f16_buffer) + prefix
 
 
 _BLOCK_M_CHOICES = ((16, 1), (32, 1), (64, 1), (128, 2))  # (block_m, warps_m)
 _DUAL_TILE = (64, 2)
+# portable kernel, 16-token tiles: (pipeline stages, sub-stages per stage)
+_DECODE_STAGES = (2, 4)
 # wgmma ring depth: up to 8 stages in flight (8 stages of 128 tokens and 128 weight rows are 168 KB
 # of shared memory); 256 weight rows: 6 stages (faster than 8 in both GPU MODE cases measured)
 _HOPPER_STAGES = 8
@@ -238,25 +252,34 @@ def choose_config(tokens: str, dual: bool, rows_hint: int, arch: str = "portable
         # per weight operand (a 64-token single warp would need 128 and spills at 255 registers).
         return GemmKernelConfig(tokens, *_DUAL_TILE, dual=True)
     if rows_hint <= 16:
-        # decode / MoE experts with a few tokens: 16-token tiles waste the least (memory-bound anyway)
-        return GemmKernelConfig(tokens, 16, 1)
+        # decode / MoE experts with a few tokens: 16-token tiles waste the least
+        return _portable_config(tokens, 16, 1)
     if rows_hint <= 32:
-        return GemmKernelConfig(tokens, 32, 1)
+        return _portable_config(tokens, 32, 1)
     if rows_hint <= 512:
         # GPU MODE's uneven groups (64-384 rows): 64-token tiles pad less and spread over more CTAs;
         # on the H100 17-35% faster than 128 x 2 in W4A16 and up to 35% in W4A4 (bench/sweep.py gemm,
         # session 3), except one case within 2%
-        return GemmKernelConfig(tokens, 64, 1)
+        return _portable_config(tokens, 64, 1)
     # large groups (the dense 8192 case was measured with this tile only): 128 tokens over two warps
     # per weight slice, 64 accumulators per thread (238 registers on sm_90, no spills)
-    return GemmKernelConfig(tokens, 128, 2)
+    return _portable_config(tokens, 128, 2)
+
+
+def _portable_config(tokens: str, block_m: int, warps_m: int) -> GemmKernelConfig:
+    """The portable kernel's tile of block_m tokens: 16-token tiles (decode, MoE experts) are
+    memory-bound and read each weight row 128 contiguous bytes per pipeline stage (_DECODE_STAGES)."""
+    if block_m == 16:
+        stages, sub_stages = _DECODE_STAGES
+        return GemmKernelConfig(tokens, block_m, warps_m, stages, sub_stages=sub_stages)
+    return GemmKernelConfig(tokens, block_m, warps_m)
 
 
 def kernel_variants() -> list[GemmKernelConfig]:
     """Every config :func:`choose_config` can return, both archs (CI compiles them all)."""
     out = []
     for tok in _TOKEN_KINDS:
-        out += [GemmKernelConfig(tok, bm, wm) for bm, wm in _BLOCK_M_CHOICES]
+        out += [_portable_config(tok, bm, wm) for bm, wm in _BLOCK_M_CHOICES]
         out.append(GemmKernelConfig(tok, *_DUAL_TILE, dual=True))
     for tok in _TOKEN_KINDS:
         out += [GemmKernelConfig(tok, bm, 1, _HOPPER_STAGES, arch="hopper") for bm, _ in _BLOCK_M_CHOICES]
@@ -776,8 +799,8 @@ def _device_table(cp, table: np.ndarray, device_id: int):
 @dataclass
 class _Prepared:
     """Everything one GEMM call launches once its arguments are validated (nothing when there is
-    nothing to compute; two kernels for Hopper W4A4), replayed as is when the same arrays (same
-    addresses, shapes, strides, dtypes) come back (see _launch_key). ``workspace`` keeps the
+    nothing to compute; two kernels when W4A4 tokens are dequantized first), replayed as is when the
+    same arrays (same addresses, shapes, strides, dtypes) come back (see _launch_key). ``workspace`` keeps the
     dequantized tokens' buffer alive as long as the launches that use it."""
 
     launches: list
@@ -789,10 +812,10 @@ class _Prepared:
 
 
 def dequant_workspace(table: np.ndarray) -> tuple[np.ndarray, int]:
-    """Hopper W4A4: where each problem's tokens go once dequantized to fp16, as (byte offsets into the
-    workspace, one per problem; the workspace size in bytes). Ragged problems share one
-    [rows_total, K] token matrix; the others get [m, K] each, one after the other (K % 64 == 0 keeps
-    every start 128-byte aligned)."""
+    """W4A4 dequantized first (GemmKernelConfig.dequant_first): where each problem's tokens go once
+    dequantized to fp16, as (byte offsets into the workspace, one per problem; the workspace size in
+    bytes). Ragged problems share one [rows_total, K] token matrix; the others get [m, K] each, one
+    after the other (K % 64 == 0 keeps every start 128-byte aligned)."""
     k = table["k"].astype(np.int64)
     if (table["m"] < 0).any():
         return np.zeros(len(table), dtype=np.int64), int(table["rows_total"][0]) * int(k[0]) * 2
@@ -801,22 +824,26 @@ def dequant_workspace(table: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def dequant_tables(table: np.ndarray, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The two tables of a Hopper W4A4 call whose tokens go to device addresses ``addrs`` (workspace
-    base + dequant_workspace offsets): the one dequant_tokens_kernel reads (c / c_row = the problem's
-    workspace rows and their stride in elements) and the one the wgmma kernel reads (a / a_row = the
-    same rows as fp16 tokens)."""
+    """The two tables of a W4A4 call whose tokens are dequantized first to device addresses ``addrs``
+    (workspace base + dequant_workspace offsets): the one dequant_tokens_kernel reads (c / c_row = the
+    problem's workspace rows and their stride in elements) and the one the GEMM kernel reads (a / a_row
+    = the same rows as fp16 tokens). Ragged problems share their token matrix: the dequant table then
+    has one entry, the whole matrix (m = rows_total from row 0), so that each token row is dequantized
+    once, by a grid sized for the matrix rather than one such grid per expert."""
     k = table["k"].astype(np.int64)
     deq, main = table.copy(), table.copy()
     deq["c"], deq["c_row"] = addrs, k
     main["a"], main["a_row"], main["sfa"], main["sfa_row"] = addrs, 2 * k, 0, 0
+    if len(deq) and (deq["m"] < 0).any():
+        deq = deq[:1].copy()
+        deq["m"] = deq["rows_total"]
     return deq, main
 
 
 def dequant_grid(table: np.ndarray) -> tuple[int, int]:
-    """(x, y) grid of dequant_tokens_kernel: y = one problem each, x enough threads for the largest
-    problem's scale blocks (ragged: the whole token matrix bounds each expert's rows)."""
-    rows = np.where(table["m"] < 0, table["rows_total"], table["m"]).astype(np.int64)
-    items = int((rows * (table["k"].astype(np.int64) // SCALE_BLOCK)).max())
+    """(x, y) grid of dequant_tokens_kernel over a dequant table (dequant_tables: no ragged entries):
+    y = one problem each, x enough threads for the largest problem's scale blocks."""
+    items = int((table["m"].astype(np.int64) * (table["k"].astype(np.int64) // SCALE_BLOCK)).max())
     return max(1, min(V.ceil_div(items, _DEQUANT_THREADS), 4096)), len(table)
 
 
@@ -854,7 +881,10 @@ def _prepare(ctx, cp, cfg: GemmKernelConfig, table: np.ndarray, tiles_bound: int
             workspace = (workspace, partials, counters)
         args += (np.uint64(0 if partials is None else partials.data.ptr),
                  np.uint64(0 if counters is None else counters.data.ptr))
-    launches.append(_jit.Launch(kernel, grid, cfg.threads, smem, args, programmatic=cfg.dequant_first))
+    # after the token dequant the GEMM goes out programmatically (sm_90+: its prologue overlaps the dequant's
+    # tail; it waits in griddepcontrol.wait before reading tokens)
+    programmatic = cfg.dequant_first and _jit.device_cc(ctx.device_id) >= (9, 0)
+    launches.append(_jit.Launch(kernel, grid, cfg.threads, smem, args, programmatic=programmatic))
     return _Prepared(launches, workspace)
 
 

@@ -144,8 +144,8 @@ MAX_CTAS = 3  # persistent grid: fewer CTAs than tiles, so CTAs loop
 
 
 def _launch_gemm(gm, cfg, table, tiles_bound, offsets, blocked, odt, schedule="round_robin", stream_k=0):
-    """The launches gemm._prepare makes (Hopper W4A4: the token dequant into a workspace first), with
-    host buffers and small grids; ``stream_k``: a stream-K launch of the wgmma kernel on that many CTAs."""
+    """The launches gemm._prepare makes (W4A4 dequantized first: the token dequant into a workspace
+    first), with host buffers and small grids; ``stream_k``: a stream-K launch of the wgmma kernel on that many CTAs."""
     if tiles_bound == 0 or len(table) == 0:
         return
     grid = stream_k or min(tiles_bound, MAX_CTAS)
@@ -209,6 +209,8 @@ def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch="portable", s
         ("float16", [4, 1], [64, 250], [64, 64], "plain", "float16"),
         ("nvfp4", [17], [136], [512], "plain", "float16"),                  # 8 k-stages: the 4-stage ring wraps
         ("float16", [66], [130], [320], "blocked", "float32"),              # BM128, 5 k-stages
+        ("float16", [9, 3], [136, 72], [704, 256], "blocked", "float16"),   # BM16: 4 sub-stages per stage, the
+        ("nvfp4", [12], [130], [704], "plain", "float32"),                  # 2-stage ring wraps, 11 = 4 + 4 + 3
     ],
 )
 def test_group_gemm(mods, rng, schedule, tokens, ms, ns, ks, layout, odt):

@@ -250,6 +250,35 @@ def test_ragged_validation(rng):
     assert blk.sfb_group_stride == 512
 
 
+def test_dequant_first_tables(rng):
+    """W4A4 tokens dequantized first: a ragged call's shared token matrix is one dequant entry (each row
+    once, a grid sized for the matrix, not one per expert); a group list keeps one entry per problem."""
+    k, n, G = 128, 32, 64
+    a = rand_packed(rng, 10, k)
+    b = rng.integers(0, 256, size=(G, n, k // 2), dtype=np.uint8)
+    offsets = np.sort(rng.integers(0, 11, G + 1)).astype(np.int32)
+    offsets[0], offsets[-1] = 0, 10
+    rg, _, _ = gemm.validate_group_gemm_ragged(a, b, rand_scales(rng, (10, k // 16)), rand_scales(rng, (G, n, k // 16)),
+                                               offsets)
+    t = gemm.build_ragged_table(rg, 4096, n)
+    ws, nbytes = gemm.dequant_workspace(t)
+    assert nbytes == 10 * k * 2 and not ws.any()
+    deq, main = gemm.dequant_tables(t, (1 << 20) + ws)
+    assert len(deq) == 1 and deq["m"][0] == 10 and deq["a"][0] == t["a"][0] and deq["c_row"][0] == k
+    assert gemm.dequant_grid(deq) == (gemm.V.ceil_div(10 * k // 16, gemm._DEQUANT_THREADS), 1)
+    assert len(main) == G and (main["m"] == -1).all() and (main["a"] == 1 << 20).all() and (main["a_row"] == 2 * k).all()
+    prods, _, _ = gemm.validate_group_gemm(*[[x, y] for x, y in zip(_w4a4(rng, m=3), _w4a4(rng, m=5))])
+    t = gemm.build_table(prods, [(0, 1, 0), (0, 1, 0)])
+    ws, nbytes = gemm.dequant_workspace(t)
+    deq, _ = gemm.dequant_tables(t, 4096 + ws)
+    assert list(deq["m"]) == [3, 5] and list(deq["c"]) == [4096, 4096 + 3 * 64 * 2]  # _w4a4: K = 64
+    # which configs dequantize first: every hopper W4A4 one, and the portable 16-token tiles (not dual)
+    assert gemm.choose_config("nvfp4", False, 8).dequant_first
+    assert not gemm.choose_config("nvfp4", False, 40).dequant_first
+    assert not gemm.choose_config("float16", False, 8).dequant_first
+    assert gemm.choose_config("nvfp4", False, 8).name_expression() == gemm.choose_config("float16", False, 8).name_expression()
+
+
 def test_dual_validation(rng):
     a, b, sfa, sfb = _w4a4(rng)
     gemm.validate_dual_gemm(a, b, b, sfa, sfb, sfb, alpha1=2.0)
@@ -504,7 +533,8 @@ def test_group_gemm_batch_L(cp, rng, layout, tokens):
 @pytest.mark.parametrize("layout", ["plain", "blocked"])
 @pytest.mark.parametrize("rows", [[0, 5, 0, 16, 1, 0, 37, 3], [0] * 8, [64] * 4 + [0] * 4])
 def test_group_gemm_ragged(cp, rng, tokens, layout, rows):
-    G, n, k = len(rows), 200, 256
+    # K = 704: 11 k-steps of 64, so 16-token tiles (4 steps per pipeline stage) wrap their ring and end on 3
+    G, n, k = len(rows), 200, 704
     offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
     total = int(offsets[-1])
     a = rand_packed(rng, total, k) if tokens == "nvfp4" else rand_acts(rng, total, k, "float16")

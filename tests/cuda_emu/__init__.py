@@ -229,7 +229,7 @@ def build_many(requests: Sequence[tuple]) -> list[Module]:
 
 def build(source: str, kernels: Sequence[str], text: str | None = None) -> Module:
     """Compile (or load from the cache) the host build of ``source`` (e.g. "gemm.cu") exporting the
-    given kernel name expressions (e.g. "cuflash::group_gemm_kernel<16, 1, 4, 0, false>").
+    given kernel name expressions (e.g. "cuflash::group_gemm_kernel<16, 1, 4, 0, false, 1>").
     text: a test's own source for ``source`` (a name not in cuda_src/, e.g. "test_mbarrier.cu"),
     compiled next to the copy of cuda_src/ like its files."""
     return build_many([(source, kernels, text)])[0]
