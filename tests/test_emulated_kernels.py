@@ -211,6 +211,7 @@ def _run_group_gemm(gm, rng, tokens, ms, ns, ks, layout, odt, arch="portable", s
         ("float16", [66], [130], [320], "blocked", "float32"),              # BM128, 5 k-stages
         ("float16", [9, 3], [136, 72], [704, 256], "blocked", "float16"),   # BM16: 4 sub-stages per stage, the
         ("nvfp4", [12], [130], [704], "plain", "float32"),                  # 2-stage ring wraps, 11 = 4 + 4 + 3
+        ("bfloat16", [5], [130], [320], "blocked", "float32"),              # BM16 bf16 MMAs, 5 = 4 + 1 sub-stages
     ],
 )
 def test_group_gemm(mods, rng, schedule, tokens, ms, ns, ks, layout, odt):

@@ -502,6 +502,29 @@ def test_group_gemm_random_shapes(cp, rng, tokens, layout, out_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tokens", ["nvfp4", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["plain", "blocked"])
+def test_group_gemm_decode_shapes(cp, rng, tokens, layout):
+    """At most 16 rows per group (decode): the 16-token tiles, 4 k-steps of 64 per pipeline stage; K = 576
+    and 1152 end on a partial stage (9 = 4 + 4 + 1, 18 = 4 x 4 + 2); W4A4 tokens dequantized first."""
+    ms, ns, ks = [1, 16, 7], [200, 130, 64], [576, 1152, 256]
+    A, B, SA, SB = _group_inputs(rng, ms, ns, ks, "nvfp4" if tokens == "nvfp4" else "act", act_dtype=tokens)
+    alpha = list(rng.uniform(0.25, 2.0, size=len(ms)))
+    refs = reference.group_gemm(A, B, SA, SB, alpha=alpha)
+    if layout == "blocked":
+        sa = None if SA is None else [cp.asarray(nvfp4.to_blocked(s)) for s in SA]
+        sb = [cp.asarray(nvfp4.to_blocked(s)) for s in SB]
+    else:
+        sa = None if SA is None else [cp.asarray(s) for s in SA]
+        sb = [cp.asarray(s) for s in SB]
+    outs = [_poisoned(cp, (m, n), "float32") for m, n in zip(ms, ns)]
+    gemm.group_gemm([cp.asarray(a) for a in A], [cp.asarray(b) for b in B], sa, sb, alpha=alpha, out=outs,
+                    scale_layout=layout)
+    for o, r in zip(outs, refs):
+        _check(_to_np(cp, o), r, "float32")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["plain", "blocked"])
 @pytest.mark.parametrize("tokens", ["nvfp4", "float16"])
 def test_group_gemm_batch_L(cp, rng, layout, tokens):
