@@ -746,8 +746,8 @@ __device__ __forceinline__ void issue_set_wgmma(const unsigned char* tokens_f16,
 // the tiles fall into waves. A tile split over several CTAs ("pieces") is summed by the piece that
 // finishes last: each piece parks its fp32 accumulators in its CTA's slot (slot 0: the CTA's first
 // segment, 1: its last), then counts itself on the tile's counter; the piece that brings the count to
-// the number of pieces adds the others' slots and runs the epilogue, and puts the counter back to 0
-// (the attention split merge's pattern: nobody waits). Without a workspace (data parallel) the CTAs walk
+// the number of pieces sums every slot in CTA order (deterministic) and runs the epilogue, and puts the
+// counter back to 0 (the attention split merge's pattern: nobody waits). Without a workspace (data parallel) the CTAs walk
 // whole tiles blockIdx.x, blockIdx.x + G, ...
 struct StreamK {
   float* partials;  // null: data parallel
@@ -831,10 +831,20 @@ __device__ __forceinline__ bool stream_k_fixup(const StreamK& sk, const Segment&
   const bool last = *flag != 0;
   named_barrier_sync(kSkBarrier, kWgConsumerThreads);  // the flag is read before the next piece rewrites it
   if (!last) return false;
-  for (int c = c0; c <= c1; ++c) {
-    if (c == static_cast<int>(blockIdx.x)) continue;
-    const long long begin = sk_unit_begin(c, units);
-    const float* other = sk.partials + (2ll * c + (begin >= t0 ? 0 : 1)) * kSlot;  // its first segment, or its last
+  // The pieces are summed in CTA order, this CTA's own parked piece read back in its place, so that the sum
+  // does not depend on which piece finished last: the same inputs give the same bits on every run
+  // (summing the others into its registers made the result vary by an ulp from run to run, and a greedy
+  // LLM decode could then take another token at a near-tie; bench/bench_llm.py, session 12).
+  auto piece = [&](int c) {  // CTA c's parked piece of this tile: its first segment, or its last
+    return sk.partials + (2ll * c + (sk_unit_begin(c, units) >= t0 ? 0 : 1)) * kSlot;
+  };
+  const float* first = piece(c0);
+#pragma unroll
+  for (int set = 0; set < Tr::kSets; ++set)
+#pragma unroll
+    for (int i = 0; i < Tr::kAcc; ++i) acc[set][i] = __ldcg(first + (set * Tr::kAcc + i) * kWgConsumerThreads + ct);
+  for (int c = c0 + 1; c <= c1; ++c) {
+    const float* other = piece(c);
 #pragma unroll
     for (int set = 0; set < Tr::kSets; ++set)
 #pragma unroll
