@@ -112,6 +112,25 @@ def gemm_operands(cp, rng, G: int, M: int, N: int, K: int, form: str):
     return [cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(cp.float16) for _ in range(G)], B, None, SB
 
 
+def moe_operands(cp, rng, G: int, rows: tuple[int, int], N: int, K: int, form: str):
+    """Random CuPy operands of a ragged MoE call (cuflash.group_gemm_ragged), experts of rows[0]..rows[1]
+    token rows each: (a, b, sa, sb, offsets), b [G, N, K/2] stacked NVFP4 experts; tokens and scales as
+    gemm_operands draws them (W4A16: sa None)."""
+    import numpy as np
+
+    counts = rng.integers(rows[0], rows[1] + 1, G)
+    offsets = cp.asarray(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    total = int(counts.sum())
+    b = cp.asarray(rng.integers(0, 256, (G, N, K // 2), dtype=np.uint8))
+    sb = cp.asarray(rng.integers(0x20, 0x40, (G, N, K // 16), dtype=np.uint8))
+    if form == "W4A4":
+        a = cp.asarray(rng.integers(0, 256, (total, K // 2), dtype=np.uint8))
+        sa = cp.asarray(rng.integers(0x20, 0x40, (total, K // 16), dtype=np.uint8))
+    else:
+        a, sa = cp.asarray(rng.standard_normal((total, K), dtype=np.float32)).astype(cp.float16), None
+    return a, b, sa, sb, offsets
+
+
 def measure_ceilings(torch_available: bool = True) -> dict:
     """Copy bandwidth (TB/s, bytes read + written) and fp16 matmul TFLOP/s, measured here."""
     import cupy as cp

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gemm_operands, require_gpu_or_exit  # noqa: E402
+from common import gemm_operands, moe_operands, require_gpu_or_exit  # noqa: E402
 
 
 def gemm_case(cp, rng, form: str):
@@ -33,12 +33,8 @@ def gemm_case(cp, rng, form: str):
 def moe_case(cp, rng):
     from cuflash import gemm
 
-    G, N, K = 64, 4096, 7168
-    rows = rng.integers(1, 17, G)
-    offsets = cp.asarray(np.concatenate([[0], np.cumsum(rows)]).astype(np.int32))
-    a = cp.asarray(rng.standard_normal((int(rows.sum()), K), dtype=np.float32)).astype(cp.float16)
-    b = cp.asarray(rng.integers(0, 256, (G, N, K // 2), dtype=np.uint8))
-    sb = cp.asarray(rng.integers(0x20, 0x40, (G, N, K // 16), dtype=np.uint8))
+    N = 4096
+    a, b, _, sb, offsets = moe_operands(cp, rng, 64, (1, 16), N, 7168, "W4A16")
     out = cp.empty((a.shape[0], N), dtype=cp.float16)
     return lambda: gemm.group_gemm_ragged(a, b, None, sb, offsets, out=out)
 

@@ -20,15 +20,14 @@ import sys
 import numpy as np
 
 from bench_group_gemm import GPUMODE_GROUP
-from common import Results, environment, gemm_operands, require_gpu_or_exit, time_fn
+from common import Results, environment, gemm_operands, moe_operands, require_gpu_or_exit, time_fn
 
 
 # (block_m, warps_m, stages)
 PORTABLE = [(128, 2, 4), (64, 1, 4)]
 # (block_m, stages, row_blocks)
 HOPPER = [(128, 8, 1), (128, 6, 2), (128, 8, 2), (128, 6, 1), (64, 8, 1)]
-# MoE decode (few rows per expert): (block_m, warps_m, stages) and (block_m, stages, row_blocks)
-# (block_m, warps_m, stages, sub_stages)
+# MoE decode (few rows per expert): (block_m, warps_m, stages, sub_stages) and (block_m, stages, row_blocks)
 MOE_PORTABLE = [(16, 1, 4, 1), (16, 1, 2, 2), (16, 1, 2, 4), (16, 1, 3, 4)]
 MOE_HOPPER = [(16, 6, 2)]
 # (block_n, warps, stages)
@@ -94,19 +93,11 @@ def sweep_moe(cp, res, iters):
 
     rng = np.random.default_rng(0)
     hopper = _jit.device_cc(cp.cuda.Device().id) == (9, 0)
-    for case, G, (lo, hi), N, K in MOE:
-        rows = rng.integers(lo, hi + 1, G)
-        offsets = cp.asarray(np.concatenate([[0], np.cumsum(rows)]).astype(np.int32))
-        total = int(rows.sum())
-        b = cp.asarray(rng.integers(0, 256, (G, N, K // 2), dtype=np.uint8))
-        sb = cp.asarray(rng.integers(0x20, 0x40, (G, N, K // 16), dtype=np.uint8))
+    for case, G, rows, N, K in MOE:
         for form in ("W4A4", "W4A16"):
             tokens = "nvfp4" if form == "W4A4" else "float16"
-            if form == "W4A4":
-                a = cp.asarray(rng.integers(0, 256, (total, K // 2), dtype=np.uint8))
-                sa = cp.asarray(rng.integers(0x20, 0x40, (total, K // 16), dtype=np.uint8))
-            else:
-                a, sa = cp.asarray(rng.standard_normal((total, K), dtype=np.float32)).astype(cp.float16), None
+            a, b, sa, sb, offsets = moe_operands(cp, rng, G, rows, N, K, form)
+            total = a.shape[0]
             out = cp.empty((total, N), dtype=cp.float16)
             gemm.group_gemm_ragged(a, b, sa, sb, offsets, out=out)  # the default choice: the yardstick
             want = out.astype(cp.float32)
@@ -132,8 +123,8 @@ def sweep_moe(cp, res, iters):
                 res.add(f"moe_{form}", case, name, t, max_abs_diff_vs_default=diff, nbytes=nbytes)
                 print(f"moe {case} {form} {name}: {t.median_us:.1f} us, {nbytes / t.median_us / 1e6:.2f} TB/s "
                       f"(max |diff| vs default {diff:.3g})", flush=True)
-        b = sb = a = sa = out = None
-        cp.get_default_memory_pool().free_all_blocks()
+            a = b = sa = sb = out = None
+            cp.get_default_memory_pool().free_all_blocks()
 
 
 def sweep_attention(cp, res, iters):

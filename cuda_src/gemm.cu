@@ -26,7 +26,8 @@
 // bytes at a time: on the H100 a read of 128-row tiles reached 2.1 TB/s at 32 bytes per row and step,
 // 2.5 at 64 and the copy bandwidth (2.95) at 128 (session 12), which caps the memory-bound calls (MoE
 // decode) below the copy bandwidth at kSub = 1. W4A4 tokens are dequantized once per CTA and stage
-// into an fp16 buffer per sub-stage (a second barrier), so the inner loop is the same for W4A4 and W4A16.
+// into an fp16 buffer (a second barrier), so the inner loop is the same for W4A4 and W4A16; tiles with
+// sub-stages (16 tokens) get their W4A4 tokens dequantized before the kernel (dequant_tokens_kernel).
 // Tiles past the edges (n >= N, m >= M) load the last valid row instead (always in bounds; their
 // results are never stored).
 //
@@ -105,9 +106,10 @@ struct GemmTraits {
   static constexpr int kStageBytes =
       kWeights * (kWeightBytes + kWeightScaleBytes) + kTokenBytes + kTokenScaleBytes;
   static constexpr int kSlotBytes = kSub * kStageBytes;  // one pipeline stage
-  // W4A4: one fp16 buffer of dequantized tokens per sub-stage of the current stage.
+  // W4A4: one fp16 buffer of dequantized tokens for the current stage.
   static constexpr int kTokenF16Bytes = kTokens == kTokensNVFP4 ? kBlockM * kTokenPitch : 0;
-  static constexpr int kPipeBytes = kStages * kSlotBytes + kSub * kTokenF16Bytes;
+  static constexpr int kPipeBytes = kStages * kSlotBytes + kTokenF16Bytes;
+  static_assert(kTokens != kTokensNVFP4 || kSub == 1, "W4A4 tokens reach sub-stage tiles dequantized");
   static_assert(kBlockM % (8 * kWarpsM) == 0, "each warp needs whole n8 MMA tiles");
   static_assert(kStageBytes % 16 == 0, "stage buffers must stay 16-byte aligned");
   // Byte offset of 16-byte chunk c (values 8c .. 8c+7) of fp16 token row r: padded rows.
@@ -496,7 +498,7 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
   using St = Stage<Tr, kTokens, kDual>;
   extern __shared__ __align__(128) unsigned char smem[];
   int* prefix = reinterpret_cast<int*>(smem + Tr::kPipeBytes);
-  unsigned char* tokens_f16_buf = smem + kStages * Tr::kSlotBytes;  // W4A4 only: kSub buffers
+  unsigned char* tokens_f16_buf = smem + kStages * Tr::kSlotBytes;  // W4A4 only
 
   build_tile_prefix<kBlockM, kBlockN>(problems, num_problems, offsets, prefix);
   const int total_tiles = prefix[num_problems];
@@ -535,20 +537,16 @@ __global__ void __launch_bounds__(GemmTraits<kBlockM, kWarpsM, kStages, kTokens,
       cp_async_commit();
       unsigned char* slot = smem + (kt % kStages) * Tr::kSlotBytes;
       const int subs = kSub == 1 ? 1 : min(kSub, kts - kt * kSub);  // sub-stages of this stage
-      if constexpr (kTokens == kTokensNVFP4) {
-#pragma unroll
-        for (int sub = 0; sub < kSub; ++sub)
-          if (sub < subs) dequant_tokens<Tr, kTokens, kDual, kBlockM>(St{slot + sub * Tr::kStageBytes},
-                                                                      tokens_f16_buf + sub * Tr::kTokenF16Bytes);
+      if constexpr (kTokens == kTokensNVFP4) {  // one sub-stage (static_assert in GemmTraits)
+        dequant_tokens<Tr, kTokens, kDual, kBlockM>(St{slot}, tokens_f16_buf);
         __syncthreads();
       }
 #pragma unroll
       for (int sub = 0; sub < kSub; ++sub) {
         if (sub < subs) {
           const St st{slot + sub * Tr::kStageBytes};
-          const unsigned char* tokens_f16 =
-              kTokens == kTokensNVFP4 ? tokens_f16_buf + sub * Tr::kTokenF16Bytes : st.tokens();
-          compute_stage<Tr, kTokens, kDual>(st, tokens_f16, acc, warp_n, warp_m);
+          compute_stage<Tr, kTokens, kDual>(st, kTokens == kTokensNVFP4 ? tokens_f16_buf : st.tokens(), acc, warp_n,
+                                            warp_m);
         }
       }
     }

@@ -102,7 +102,8 @@ class GemmKernelConfig(_jit.KernelConfig):
     operands and the silu-gated epilogue; row_blocks (hopper): 64-row wgmma blocks per consumer
     warpgroup, 1 (128 weight rows per tile) or 2 (256; one weight operand, block_m <= 128);
     sub_stages (portable): 64-value K steps per pipeline stage, 1, 2 or 4 (each weight row read 32,
-    64 or 128 contiguous bytes at a time; see the pipeline note in gemm.cu).
+    64 or 128 contiguous bytes at a time; see the pipeline note in gemm.cu); more than 1 only where
+    the kernel's tokens are fp16/bf16 (W4A4: 16-token tiles, whose tokens are dequantized first).
     """
 
     tokens: str = "nvfp4"
@@ -131,9 +132,11 @@ class GemmKernelConfig(_jit.KernelConfig):
                                                                        or self.block_m > 128)):
             raise ValueError(f"row_blocks: expected 1, or 2 for the single-operand hopper kernel with block_m <= 128, "
                              f"got {self.row_blocks} ({self.arch}, dual={self.dual}, block_m={self.block_m})")
-        if self.sub_stages not in (1, 2, 4) or (self.sub_stages > 1 and self.arch != "portable"):
-            raise ValueError(f"sub_stages: expected 1, or 2 or 4 for the portable kernel, got {self.sub_stages} "
-                             f"({self.arch})")
+        if self.sub_stages not in (1, 2, 4) or (self.sub_stages > 1 and (
+                self.arch != "portable" or (self.tokens == "nvfp4" and not self.dequant_first))):
+            raise ValueError(f"sub_stages: expected 1, or 2 or 4 for the portable kernel with fp16/bf16 tokens "
+                             f"(W4A4: 16-token tiles, dequantized first), got {self.sub_stages} ({self.arch}, "
+                             f"{self.tokens}, block_m={self.block_m})")
 
     @property
     def family(self) -> str:
@@ -192,11 +195,11 @@ class GemmKernelConfig(_jit.KernelConfig):
             return _SWIZZLE_ATOM + self.stages * (stage + 2 * _MBARRIER_BYTES) + epilogue + prefix
         if self.tokens == "nvfp4" and not self.dequant_first:
             stage += self.block_m * (_STAGE_PACKED + _STAGE_SCALES)
-            f16_buffer = self.block_m * _TOKEN_PITCH  # a sub-stage's tokens, dequantized
+            f16_buffer = self.block_m * _TOKEN_PITCH  # the stage's tokens, dequantized
         else:
             stage += self.block_m * _TOKEN_PITCH
             f16_buffer = 0
-        return self.sub_stages * (self.stages * stage + f16_buffer) + prefix
+        return self.stages * self.sub_stages * stage + f16_buffer + prefix
 
 
 _BLOCK_M_CHOICES = ((16, 1), (32, 1), (64, 1), (128, 2))  # (block_m, warps_m)
