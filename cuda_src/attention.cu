@@ -40,7 +40,6 @@ constexpr int kElemsPerCopy = 8; // fp16/bf16 elements in one 16-byte copy
 constexpr int kSmemPad = 8;      // elements (16 B) appended to each smem row: row stride 2*D+16 bytes puts
                                  // the 8 rows one ldmatrix reads in 8 distinct 16-byte bank groups
 constexpr int kWorkFields = 3;   // work item: (sequence, row tile, first partial row), int32
-constexpr int kMaxSplits = 128;  // split-KV count cap (attention.MAX_SPLITS): one merge weight each per warp
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -75,20 +74,29 @@ struct WorkItem {
 };
 
 // The work item of this CTA (work[blockIdx.x] = (sequence, row tile, first partial row)); the caller
-// returns at once when m0 >= rows (the plan never makes such an item).
+// returns at once when m0 >= rows (the plan never makes such an item). work == nullptr: a decode-only
+// launch (one query per sequence, every sequence one item): item blockIdx.x is sequence blockIdx.x, row
+// tile 0, partial row blockIdx.x, read from no table, so the first K/V copies wait on one dependent load
+// (kv_lens) before the block table instead of three (work, q_indptr / kv_lens, block table).
 template <int kBlockM, int kBlockN>
 __device__ __forceinline__ WorkItem load_work_item(const int* __restrict__ work, const int* __restrict__ q_indptr,
                                                    const int* __restrict__ kv_lens, int num_heads, int group,
                                                    int causal) {
   WorkItem w;
-  w.seq = work[blockIdx.x * kWorkFields];
-  w.m0 = work[blockIdx.x * kWorkFields + 1] * kBlockM;
-  w.part_base = work[blockIdx.x * kWorkFields + 2];
+  if (work == nullptr) {
+    w.seq = w.part_base = w.q_start = blockIdx.x;
+    w.m0 = 0;
+    w.q_len = 1;
+  } else {
+    w.seq = work[blockIdx.x * kWorkFields];
+    w.m0 = work[blockIdx.x * kWorkFields + 1] * kBlockM;
+    w.part_base = work[blockIdx.x * kWorkFields + 2];
+    w.q_start = q_indptr[w.seq];
+    w.q_len = q_indptr[w.seq + 1] - w.q_start;
+  }
   w.kv_head = blockIdx.y;
   w.split = blockIdx.z;
   w.num_splits = gridDim.z;
-  w.q_start = q_indptr[w.seq];
-  w.q_len = q_indptr[w.seq + 1] - w.q_start;
   w.kv_len = kv_lens[w.seq];
   w.rows = w.q_len * group;
   w.num_heads = num_heads;
@@ -154,94 +162,100 @@ struct Outputs {
   // the num_splits CTAs of this (work item, kv head) to finish merges all splits of the item's rows:
   // out = sum_s w_s o_s / sum_s w_s, w_s = exp(lse_s - max lse), lse = max lse + ln(sum_s w_s). A
   // split that saw no key (lse -inf) has weight 0; a row no split saw gets 0 and -inf. That CTA puts
-  // the counter back to 0, so the next launch (a CUDA graph replay) starts clean. `scratch`: merge_bytes
+  // the counter back to 0, so the next launch (a CUDA graph replay) starts clean. `scratch`: 16 bytes
   // of shared memory no thread uses any more; `sync`: a barrier of the kThreads threads calling this
   // (thread index tid). A separate combine kernel cost B=1 S=32768 decode a second launch and its ramp
-  // (H100: ~7 us of ~70). Every row and column is merged at once (first the rows' weights, then all
-  // (row, 4-column) pairs, each thread's loads independent): merging one row after another cost a
-  // 128-row prefill item ~2 dependent L2 round trips per row (H100, S=16384 with 2 splits: 5.8 -> 6.3 ms).
+  // (H100: ~7 us of ~70).
+  //
+  // This runs on the critical path of the last split to finish, so it is written for latency: one
+  // fence and one atomic by one thread (the barrier before them orders the CTA's partial stores: the
+  // pattern of a grid barrier), then every partial a thread needs (its (row, float4 column) pairs of
+  // kSplitStep splits, and their LSEs) loaded at once and folded in split order with a running max,
+  // so one L2 round trip per kSplitStep splits. (A first LSE pass for the weights, then the partials,
+  // took two.) Every pair is merged at once: one row after another cost a 128-row prefill item ~2
+  // dependent L2 round trips per row (H100, S=16384 with 2 splits: 5.8 -> 6.3 ms).
   template <int kBlockM, int kThreads, typename Sync>
   __device__ __forceinline__ void merge_splits(const WorkItem& w, unsigned char* scratch, int tid, Sync sync) const {
-    constexpr int kQuads = kHeadDim / 4;              // float4 columns of a row
-    // A thread merges kChunk (row, float4 column) pairs at a time, kSplitStep splits each: 16 loads in
-    // flight (decode: 2 pairs x 8 splits; a 128-row prefill item: 8 pairs x 2 splits).
+    constexpr int kQuads = kHeadDim / 4;  // float4 columns of a row
+    // kChunk pairs x kSplitStep splits = 16 partial loads in flight per thread (decode: 1 x 16; a
+    // 128-row prefill item: 8 x 2).
     constexpr int kChunk = ceil_div(kBlockM * kQuads, kThreads) < 8 ? ceil_div(kBlockM * kQuads, kThreads) : 8;
     constexpr int kSplitStep = 16 / kChunk;
     constexpr int kPairsPerPass = kThreads * kChunk;
-    __threadfence();  // this thread's partials reach device scope before the CTA counts itself done
-    sync();
+    sync();  // every thread's partials are stored before this barrier ...
     int* is_last = reinterpret_cast<int*>(scratch);
     if (tid == 0) {
+      __threadfence();  // ... so this fence puts them before the count at device scope
       int* count = counters + blockIdx.x * gridDim.y + blockIdx.y;
       const int last = atomicAdd(count, 1) == w.num_splits - 1;
-      if (last) *count = 0;
+      if (last) {
+        __threadfence();  // the other splits' partials (stored before their counts) are read after this
+        *count = 0;       // (after the fence, which would otherwise wait for this store)
+      }
       *is_last = last;
     }
     sync();
     if (!*is_last) return;
-    __threadfence();  // the other splits' partials, read below past L1 (__ldcg)
-    const int ns = w.num_splits, n_rows = min(kBlockM, w.rows - w.m0);
-    float* weight = reinterpret_cast<float*>(scratch + 16);  // [n_rows][ns]
-    float* inv_sum = weight + kBlockM * kMaxSplits;         // [n_rows]
+    const int ns = w.num_splits, n_pairs = min(kBlockM, w.rows - w.m0) * kQuads;
     const long long split_rows = static_cast<long long>(n_part_rows) * w.num_heads;  // partial rows per split
-    // Partial row (split 0) of merged row i.
-    auto part_row = [&](int i) { return w.head_row(w.part_base, w.m0 + i); };
-    for (int i = tid; i < n_rows; i += kThreads) {
-      const long long prow = part_row(i);
-      float* wi = weight + i * ns;
-      float mx = -CUDART_INF_F;
-#pragma unroll 16
-      for (int s = 0; s < ns; ++s) {
-        const float l = __ldcg(lse_part + prow + s * split_rows);
-        wi[s] = l;
-        mx = fmaxf(mx, l);
-      }
-      float sum = 0.0f;
-      for (int s = 0; s < ns; ++s) {
-        const float e = wi[s] == -CUDART_INF_F ? 0.0f : __expf(wi[s] - mx);  // mx is finite when any l is
-        wi[s] = e;
-        sum += e;
-      }
-      inv_sum[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
-      lse[w.q_row(w.m0 + i)] = sum > 0.0f ? mx + __logf(sum) : -CUDART_INF_F;
-    }
-    sync();
-    const int n_pairs = n_rows * kQuads;
     for (int base = 0; base < n_pairs; base += kPairsPerPass) {
+      float mx[kChunk], sum[kChunk];
       float4 acc[kChunk];
-      long long src[kChunk];  // float4 index of the pair's split-0 partial
-      int row[kChunk];
+      long long prow[kChunk];  // partial row (split 0) of the pair's row; -1: no pair
+      int col[kChunk];         // float4 column
 #pragma unroll
       for (int k = 0; k < kChunk; ++k) {
         const int p = base + k * kThreads + tid;
-        row[k] = p < n_pairs ? p / kQuads : -1;
-        src[k] = row[k] >= 0 ? part_row(row[k]) * kQuads + p % kQuads : 0;
+        prow[k] = p < n_pairs ? w.head_row(w.part_base, w.m0 + p / kQuads) : -1;
+        col[k] = p % kQuads;
+        mx[k] = -CUDART_INF_F;
+        sum[k] = 0.0f;
         acc[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
       for (int s0 = 0; s0 < ns; s0 += kSplitStep) {
+        float l[kChunk][kSplitStep];
+        float4 v[kChunk][kSplitStep];
 #pragma unroll
-        for (int u = 0; u < kSplitStep; ++u) {
-          const int s = s0 + u;
+        for (int k = 0; k < kChunk; ++k) {
 #pragma unroll
-          for (int k = 0; k < kChunk; ++k) {
-            const float ws = row[k] >= 0 && s < ns ? weight[row[k] * ns + s] : 0.0f;
-            if (ws > 0.0f) {
-              const float4 v = __ldcg(reinterpret_cast<const float4*>(o_part) + src[k] + s * split_rows * kQuads);
-              acc[k].x += ws * v.x;
-              acc[k].y += ws * v.y;
-              acc[k].z += ws * v.z;
-              acc[k].w += ws * v.w;
-            }
+          for (int u = 0; u < kSplitStep; ++u) {
+            const long long r = prow[k] + (s0 + u) * split_rows;
+            const bool ok = prow[k] >= 0 && s0 + u < ns;
+            l[k][u] = ok ? __ldcg(lse_part + r) : -CUDART_INF_F;
+            v[k][u] = ok ? __ldcg(reinterpret_cast<const float4*>(o_part) + r * kQuads + col[k])
+                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
           }
+        }
+#pragma unroll
+        for (int k = 0; k < kChunk; ++k) {
+          float m = mx[k];
+#pragma unroll
+          for (int u = 0; u < kSplitStep; ++u) m = fmaxf(m, l[k][u]);
+          if (m == -CUDART_INF_F) continue;  // no split so far saw a key
+          const float a = __expf(mx[k] - m);  // 0 while mx is -inf
+          sum[k] *= a;
+          acc[k] = make_float4(acc[k].x * a, acc[k].y * a, acc[k].z * a, acc[k].w * a);
+#pragma unroll
+          for (int u = 0; u < kSplitStep; ++u) {
+            if (l[k][u] == -CUDART_INF_F) continue;  // an empty split: weight 0
+            const float e = __expf(l[k][u] - m);
+            sum[k] += e;
+            acc[k].x += e * v[k][u].x;
+            acc[k].y += e * v[k][u].y;
+            acc[k].z += e * v[k][u].z;
+            acc[k].w += e * v[k][u].w;
+          }
+          mx[k] = m;
         }
       }
 #pragma unroll
       for (int k = 0; k < kChunk; ++k) {
-        if (row[k] < 0) continue;
-        const float inv = inv_sum[row[k]];
-        const int c = (base + k * kThreads + tid) % kQuads;
-        *reinterpret_cast<uint2*>(out + w.q_row(w.m0 + row[k]) * kHeadDim + 4 * c) =
+        if (prow[k] < 0) continue;
+        const int r = w.m0 + (base + k * kThreads + tid) / kQuads;
+        const float inv = sum[k] > 0.0f ? 1.0f / sum[k] : 0.0f;
+        *reinterpret_cast<uint2*>(out + w.q_row(r) * kHeadDim + 4 * col[k]) =
             make_uint2(pack2<T>(acc[k].x * inv, acc[k].y * inv), pack2<T>(acc[k].z * inv, acc[k].w * inv));
+        if (col[k] == 0) lse[w.q_row(r)] = sum[k] > 0.0f ? mx[k] + __logf(sum[k]) : -CUDART_INF_F;
       }
     }
   }
@@ -411,18 +425,23 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   cp_async_wait<0>();  // only empty groups can remain; drained so no copy outlives the CTA
   if constexpr (kSplitKeys) {
     // Merge the warps' states: M = max_w m_w, L = sum_w 2^(m_w - M) l_w, O = sum_w 2^(m_w - M) o_w / L.
+    // Rows kMergeStride floats apart: a store of 8 rows x 4 column pairs then takes the minimum 2 shared
+    // memory wavefronts (rows kHeadDim apart: 8, all rows on the same banks; H100, B=1 S=32768: this
+    // merge took ~1.8 us of the last CTA's tail). Rows past the sequence are neither stored nor merged.
+    constexpr int kMergeStride = kHeadDim + 8;
     __syncthreads();  // every warp is done with sQ / sK / sV, which the merge buffers reuse
-    float* m_o = reinterpret_cast<float*>(smem_raw);          // [kWarps][kMmaM][kHeadDim], unnormalized
-    float* m_max = m_o + kWarps * kMmaM * kHeadDim;           // [kWarps][kMmaM], log2 domain
+    float* m_o = reinterpret_cast<float*>(smem_raw);          // [kWarps][kMmaM][kMergeStride], unnormalized
+    float* m_max = m_o + kWarps * kMmaM * kMergeStride;       // [kWarps][kMmaM], log2 domain
     float* m_sum = m_max + kWarps * kMmaM;                    // [kWarps][kMmaM]
     const int t2 = 2 * (lane % 4);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = lane / 4 + 8 * i;
-      float* dst = m_o + (warp * kMmaM + row) * kHeadDim + t2;
+      const float l_row = quad_sum(softmax.l[i]);  // a warp collective: before the lanes part
+      if (m0 + row >= rows) continue;
+      float* dst = m_o + (warp * kMmaM + row) * kMergeStride + t2;
 #pragma unroll
       for (int d = 0; d < kDTiles; ++d) *reinterpret_cast<float2*>(dst + d * kMmaN) = make_float2(o[d][2 * i], o[d][2 * i + 1]);
-      const float l_row = quad_sum(softmax.l[i]);
       if (lane % 4 == 0) {
         m_max[warp * kMmaM + row] = softmax.m[i];
         m_sum[warp * kMmaM + row] = l_row;
@@ -434,20 +453,26 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       const int row = e / (kHeadDim / 2), col = 2 * (e % (kHeadDim / 2));
       const int r = m0 + row;
       if (r >= rows) continue;
+      // Every warp's state loaded first (independent loads, no branch between them), then folded.
+      float mw[kWarps], sw[kWarps];
+      float2 ow[kWarps];
       float mx = -CUDART_INF_F;
 #pragma unroll
-      for (int wp = 0; wp < kWarps; ++wp) mx = fmaxf(mx, m_max[wp * kMmaM + row]);
+      for (int wp = 0; wp < kWarps; ++wp) {
+        mw[wp] = m_max[wp * kMmaM + row];
+        sw[wp] = m_sum[wp * kMmaM + row];
+        ow[wp] = *reinterpret_cast<const float2*>(m_o + (wp * kMmaM + row) * kMergeStride + col);
+        mx = fmaxf(mx, mw[wp]);
+      }
       float l_all = 0.0f, o0 = 0.0f, o1 = 0.0f;
       if (mx != -CUDART_INF_F) {
 #pragma unroll
         for (int wp = 0; wp < kWarps; ++wp) {
-          const float sw = m_sum[wp * kMmaM + row];
-          if (sw == 0.0f) continue;  // a warp that saw no key (its max may be -inf)
-          const float f = fast_exp2(m_max[wp * kMmaM + row] - mx);
-          const float2 ow = *reinterpret_cast<const float2*>(m_o + (wp * kMmaM + row) * kHeadDim + col);
-          l_all += f * sw;
-          o0 += f * ow.x;
-          o1 += f * ow.y;
+          if (sw[wp] == 0.0f) continue;  // a warp that saw no key (its max may be -inf)
+          const float f = fast_exp2(mw[wp] - mx);
+          l_all += f * sw[wp];
+          o0 += f * ow[wp].x;
+          o1 += f * ow[wp].y;
         }
       }
       const bool seen = l_all > 0.0f;

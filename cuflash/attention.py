@@ -55,11 +55,12 @@ _ELEM_BYTES = 2
 
 MMA_M = 16  # rows of one mma tile: each warp owns 16 (query, head-in-group) rows
 SMEM_PAD = 8  # elements appended to each shared-memory row (cuda_src/attention.cu, kSmemPad)
+MERGE_PAD = 8  # floats appended to each row of the split-keys warp merge (attention.cu kMergeStride)
 COPY_BYTES = 16  # one vector copy
 WORK_FIELDS = 3  # work item: (sequence, row tile, first partial row)
 H100_SMEM_PER_BLOCK = 227 * 1024  # opt-in dynamic shared memory limit per block on sm_90
 SM86_SMEM_PER_BLOCK = 99 * 1024  # the same on sm_86 / sm_89 (CI compiles the variants that fit there too)
-MAX_SPLITS = 128  # split-KV count cap (attention.cu kMaxSplits: the merge keeps one weight per split per warp)
+MAX_SPLITS = 128  # split-KV count cap (choose_num_splits searches up to it)
 SPLIT_OVERHEAD_TILES = 2  # cost of one split in key tiles: prologue latency, partial write, merge read
 # More splits must beat the best fewer by 5%: the model cannot see the partials' traffic, and H100
 # S=16384 prefill took 2 splits for a 0.05% predicted gain (4096 CTAs: 4158 against 4160 tile-times).
@@ -112,22 +113,21 @@ class AttentionConfig(_jit.KernelConfig):
     def smem_bytes(self) -> int:
         """Dynamic shared memory (the layouts are described in attention.cu). mma.sync kernel: Q tile plus
         kStages K and V tiles, rows padded, or the split-keys merge buffers (fp32 [warps, 16, head_dim +
-        2]) or the split merge's scratch (merge_bytes) where larger. wgmma kernel (WsLayout): 1024 bytes
-        of alignment slack, kStages swizzled K and V tiles (the split merge reuses them), a full and an
-        empty mbarrier per stage."""
+        MERGE_PAD], row maxima and sums) or the split merge's scratch (merge_bytes) where larger. wgmma
+        kernel (WsLayout): 1024 bytes of alignment slack, kStages swizzled K and V tiles (the split merge
+        reuses them), a full and an empty mbarrier per stage."""
         if self.wgmma:
             ring = self.stages * 2 * self.block_n * self.head_dim * _ELEM_BYTES
             assert ring >= self.merge_bytes
             return 1024 + ring + 2 * self.stages * 8
         tiles = (self.block_m + 2 * self.stages * self.block_n) * (self.head_dim + SMEM_PAD) * _ELEM_BYTES
-        merge = self.warps * MMA_M * (self.head_dim + 2) * 4 if self.split_keys else 0
+        merge = self.warps * MMA_M * (self.head_dim + MERGE_PAD + 2) * 4 if self.split_keys else 0
         return max(tiles, merge, self.merge_bytes)
 
     @property
     def merge_bytes(self) -> int:
-        """Shared memory of the fused split merge (attention.cu Outputs::merge_splits): a flag (16 bytes),
-        MAX_SPLITS weights and one inverse sum per row."""
-        return 16 + self.block_m * (MAX_SPLITS + 1) * 4
+        """Shared memory of the fused split merge (attention.cu Outputs::merge_splits): one flag."""
+        return 16
 
     def attention_kernel(self, splits: bool = True) -> str:
         """The kernel for launches with several KV splits (``splits``) or one; only the wgmma kernel has a
@@ -287,6 +287,17 @@ class LaunchSpec:
     @property
     def n_part_rows(self) -> int:
         return int(self.part_qrow.shape[0])
+
+
+def identity_work(spec: LaunchSpec, batch: int) -> bool:
+    """Whether a launch's work list is item b = (sequence b, row tile 0, partial row b) for every sequence
+    of the batch, in any order: the kernel can then run without it (attention.cu load_work_item)."""
+    w = spec.work
+    return (spec.role == "decode" and w.shape[0] == batch and bool(np.array_equal(np.sort(w[:, 0]), np.arange(batch)))
+            and not w[:, 1].any() and bool(np.array_equal(w[:, 2], w[:, 0])))
+
+
+_NULL = np.uint64(0)  # a null pointer kernel argument
 
 
 def visible_keys(q_len: int, kv_len: int, last_query: int, causal: bool) -> int:
@@ -497,7 +508,11 @@ class AttentionPlan:
                                   hopper=use_wgmma(self.device_id))
         with cp.cuda.Device(self.device_id):
             self._q_indptr = cp.asarray(indptr.astype(np.int32))
-            self._work = [cp.asarray(s.work) for s in self.launches]
+            # A decode-only plan's decode launch, one item per sequence, runs without its work list
+            # (attention.cu load_work_item, work == nullptr): its first K/V copies then wait on one
+            # dependent load (kv_lens) before the block table instead of three.
+            self._work = [None if self.decode_only and identity_work(s, self.batch) else cp.asarray(s.work)
+                          for s in self.launches]
             self._o_part, self._lse_part, self._counters = [], [], []
             for s in self.launches:
                 n = s.n_part_rows if s.num_splits > 1 else 0
@@ -579,11 +594,11 @@ class AttentionPlan:
         launches = []
         for spec, kernel, work, o_part, lse_part, counters in zip(self.launches, self._kernels, self._work, self._o_part,
                                                                    self._lse_part, self._counters):
-            args = (q, k_pages, v_pages, table, stride, lens, self._q_indptr, work, np.int32(self.num_heads),
-                    np.int32(self.group), np.int32(self.page_size), scale_log2, np.int32(self.causal), out, lse, o_part,
-                    lse_part, np.int32(spec.n_part_rows), counters)
-            launches.append(_jit.Launch(kernel, (work.shape[0], self.num_kv_heads, spec.num_splits), spec.config.threads,
-                                        spec.config.smem_bytes, args))
+            args = (q, k_pages, v_pages, table, stride, lens, self._q_indptr, _NULL if work is None else work,
+                    np.int32(self.num_heads), np.int32(self.group), np.int32(self.page_size), scale_log2,
+                    np.int32(self.causal), out, lse, o_part, lse_part, np.int32(spec.n_part_rows), counters)
+            grid = (spec.work.shape[0], self.num_kv_heads, spec.num_splits)
+            launches.append(_jit.Launch(kernel, grid, spec.config.threads, spec.config.smem_bytes, args))
         return launches
 
     def _check_run_args(self, q, k_pages, v_pages, block_table, kv_lens, out, lse) -> None:

@@ -426,10 +426,13 @@ def _attention_inputs(rng, q_lens, kv_lens, heads, kv_heads, d, page, dtype):
     return kp, vp, table, q_indptr, q, np.array(kv_lens, np.int32)
 
 
-def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, schedule, causal=True, hopper=False):
+def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, schedule, causal=True, hopper=False,
+                   decode_only=False):
     """AttentionPlan's launches on the host: partition() gives them; ``slots`` stands in for the GPU's
     resident-CTA count (a large value makes partition split the keys, merged by the last split CTA of
-    each item, which puts its counter back to 0); ``hopper`` picks the wgmma prefill kernel."""
+    each item, which puts its counter back to 0); ``hopper`` picks the wgmma prefill kernel;
+    ``decode_only``: a launch whose work list is the identity goes without it (a null pointer), as a
+    decode-only AttentionPlan launches it, and gets a poisoned q_indptr (the kernel must read neither)."""
     total_q, heads, d = q.shape
     kv_heads, page_size = kp.shape[2], kp.shape[1]
     group = heads // kv_heads
@@ -445,8 +448,11 @@ def _run_attention(at, q, kp, vp, table, kv_lens, q_indptr, *, dtype, slots, sch
         o_part = np.full(max(1, spec.num_splits * n * heads * d), np.nan, np.float32)
         lse_part = np.full(max(1, spec.num_splits * n * heads), np.nan, np.float32)
         counters = np.zeros(spec.work.shape[0] * kv_heads, np.int32)
+        null_work = decode_only and A.identity_work(spec, len(kv_lens))
+        work = np.uint64(0) if null_work else np.ascontiguousarray(spec.work)
+        indptr = np.full_like(q_indptr, -(1 << 30)) if null_work else q_indptr
         at.launch(cfg.attention_kernel(spec.num_splits > 1), (spec.work.shape[0], kv_heads, spec.num_splits), cfg.threads,
-                  [q, kp, vp, table, np.int32(table.shape[1]), kv_lens, q_indptr, np.ascontiguousarray(spec.work),
+                  [q, kp, vp, table, np.int32(table.shape[1]), kv_lens, indptr, work,
                    np.int32(heads), np.int32(group), np.int32(page_size), scale_log2, np.int32(causal), out, lse,
                    o_part, lse_part, np.int32(spec.n_part_rows), counters], smem=cfg.smem_bytes, schedule=schedule)
         assert not counters.any(), "a split merge left its counter armed"
@@ -508,6 +514,21 @@ def test_paged_attention_non_causal_decode_split(mods, rng, schedule):
                                      slots=100000, schedule=schedule, causal=False)
     assert specs[0].num_splits > 1
     TA.check_close(out, lse, q, kp, vp, table, lens, q_indptr, dtype, causal=False)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_split", "split_kv"])
+def test_paged_attention_decode_without_work_list(mods, rng, schedule, split):
+    # a decode-only launch reads no work list and no q_indptr (_run_attention poisons it): sequence =
+    # item = partial row = blockIdx.x; lengths across page boundaries, one empty sequence
+    dtype, heads, kv_heads, d, page = "bfloat16", 8, 2, ATTN_HEAD_DIM, 5
+    kv_lens = [77, 0, 130, 4, 16]
+    kp, vp, table, q_indptr, q, lens = _attention_inputs(rng, [1] * len(kv_lens), kv_lens, heads, kv_heads, d, page,
+                                                         dtype)
+    out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype,
+                                     slots=100000 if split else 1, schedule=schedule, decode_only=True)
+    assert [s.role for s in specs] == ["decode"] and A.identity_work(specs[0], len(kv_lens))
+    assert (specs[0].num_splits > 1) == split
+    TA.check_close(out, lse, q, kp, vp, table, lens, q_indptr, dtype)
 
 
 def test_paged_kv_append(mods, rng):
