@@ -10,7 +10,10 @@ SDPA has no bottom-right causal mask, so it runs the prefill cases with is_causa
 q_len = kv_len), decode without a mask (one query sees every key) and skips the chunked case. Each peer
 result also records cuflash's max |difference| from it (a quick correctness check on the GPU).
 
-Usage: python bench/bench_attention.py [--quick] [--json PATH] [--plot PATH]
+Timing: bench/common.time_fn, per call, the L2 flushed before each call by a write over twice its size
+(``--flush clean``: then also a read, so the call starts with clean lines instead of dirty ones).
+
+Usage: python bench/bench_attention.py [--quick] [--json PATH] [--plot PATH] [--flush write|clean]
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 
 import numpy as np
 
-from common import Results, environment, measure_ceilings, require_gpu_or_exit, time_fn
+from common import FLUSH_MODES, Results, environment, measure_ceilings, require_gpu_or_exit, time_fn
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ELEM_BYTES = 2
@@ -98,6 +101,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer iterations and one case per group")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
+    ap.add_argument("--flush", choices=FLUSH_MODES, default="write",
+                    help="L2 flush before each timed call: a write over twice the L2 (default, the method of the "
+                         "peer timings in ../shared/DEVICE.md), or that write then a read, leaving clean lines")
     args = ap.parse_args()
     cp = require_gpu_or_exit()
     try:
@@ -107,6 +113,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     iters = 10 if args.quick else 50
     res = Results()
+    timed = lambda fn, **kw: time_fn(fn, iters=iters, flush=args.flush, **kw)  # noqa: E731
     ceil = measure_ceilings(torch_available=torch is not None)
     print(f"copy bandwidth ceiling: {ceil['copy_TBps']:.2f} TB/s", file=sys.stderr)
     ext = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream) if torch is not None else None
@@ -116,7 +123,7 @@ def main() -> int:
         d = build(cp, rng, batch, q_len, kv_len, PREFILL_PAGE_SIZE)
         flops = causal_flops(batch, q_len, kv_len)
         run = lambda d=d: d["plan"].run(d["q"], d["k_pages"], d["v_pages"], d["table"], d["lens"], out=d["out"])
-        res.add("prefill", case, "cuflash", time_fn(run, iters=iters), flops=flops, page_size=PREFILL_PAGE_SIZE,
+        res.add("prefill", case, "cuflash", timed(run), flops=flops, page_size=PREFILL_PAGE_SIZE,
                 plan=repr(d["plan"]))
         if torch is not None and q_len == kv_len:
             for name, (fn, ref, how) in sdpa_peers(torch, d, batch, q_len, kv_len, causal=True).items():
@@ -124,7 +131,7 @@ def main() -> int:
                 cp.cuda.Device().synchronize()
                 ours = torch.from_dlpack(d["out"]).view(batch, q_len, HEADS, HEAD_DIM).transpose(1, 2)
                 diff = float((ours.float() - ref.float()).abs().max())
-                res.add("prefill", case, name, time_fn(fn, iters=iters, stream=ext), flops=flops, gqa=how,
+                res.add("prefill", case, name, timed(fn, stream=ext), flops=flops, gqa=how,
                         max_abs_diff_cuflash=diff)
         del d
         cp.get_default_memory_pool().free_all_blocks()
@@ -135,7 +142,7 @@ def main() -> int:
         for ps in DECODE_PAGE_SIZES:
             d = build(cp, rng, batch, 1, kv_len, ps)
             run = lambda d=d: d["plan"].run(d["q"], d["k_pages"], d["v_pages"], d["table"], d["lens"], out=d["out"])
-            r = res.add("decode", f"{case} page={ps}", "cuflash", time_fn(run, iters=iters), nbytes=nbytes, page_size=ps,
+            r = res.add("decode", f"{case} page={ps}", "cuflash", timed(run), nbytes=nbytes, page_size=ps,
                         plan=repr(d["plan"]))
             r.extra["fraction_of_copy_bw"] = round(r.tbps / ceil["copy_TBps"], 3)
             if torch is not None and ps == DECODE_PAGE_SIZES[0]:
@@ -144,7 +151,7 @@ def main() -> int:
                     cp.cuda.Device().synchronize()
                     ours = torch.from_dlpack(d["out"]).view(batch, 1, HEADS, HEAD_DIM).transpose(1, 2)
                     diff = float((ours.float() - ref.float()).abs().max())
-                    res.add("decode", case, name, time_fn(fn, iters=iters, stream=ext), nbytes=nbytes, gqa=how,
+                    res.add("decode", case, name, timed(fn, stream=ext), nbytes=nbytes, gqa=how,
                             max_abs_diff_cuflash=diff)
             del d
             cp.get_default_memory_pool().free_all_blocks()
@@ -153,6 +160,7 @@ def main() -> int:
     print(res.table())
     env = environment()
     env["copy_TBps"] = round(ceil["copy_TBps"], 3)
+    env["l2_flush"] = args.flush
     if "fp16_TFLOPs" in ceil:
         env["fp16_matmul_TFLOPs"] = round(ceil["fp16_TFLOPs"], 1)
     if args.json:

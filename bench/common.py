@@ -2,7 +2,8 @@
 
 - ``require_gpu_or_exit()``: on a machine without a usable GPU, print one sentence and exit 1.
 - ``time_fn(fn)``: CUDA events around each call after warm-up, the L2 cache flushed before each
-  call (a write over a buffer twice the L2 size), median with p20/p80, in microseconds.
+  call (a write over a buffer twice the L2 size; ``flush="clean"`` reads another one after it, so the
+  L2 holds clean lines), median with p20/p80, in microseconds.
 - ``measure_ceilings()``: the device-to-device copy bandwidth (bytes read + written) and the fp16
   matmul rate through torch (cuBLAS), measured in the run itself; floors come from these.
 - ``Results``: records (op, case, impl, median_us, derived TFLOP/s and TB/s), a GitHub table, JSON.
@@ -45,13 +46,28 @@ class Timing:
     n: int
 
 
+FLUSH_MODES = ("write", "clean")
+
+
 class _L2Flusher:
-    def __init__(self, cp):
+    """Evicts the timed call's data from the L2 cache before each call. "write" (the default, as the peer
+    timings in ../shared/DEVICE.md were taken): a write over a buffer twice the L2 size, so the call
+    starts with the L2 full of dirty lines whose write-back it pays for while it reads. "clean": the same
+    write, then a read of another such buffer, so the L2 holds clean lines (closer to a serving step,
+    whose previous kernels write little)."""
+
+    def __init__(self, cp, mode: str = "write"):
+        if mode not in FLUSH_MODES:
+            raise ValueError(f"flush: expected one of {FLUSH_MODES}, got {mode!r}")
         l2 = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["l2CacheSize"]
-        self.buf = cp.empty(max(2 * l2, 64 << 20) // 4, dtype=cp.int32)
+        n = max(2 * l2, 64 << 20) // 4
+        self.buf = cp.empty(n, dtype=cp.int32)
+        self.clean = cp.ones(n, dtype=cp.int32) if mode == "clean" else None
 
     def __call__(self):
         self.buf.fill(1)
+        if self.clean is not None:
+            self.clean.max()
 
 
 #: GPU cycles of the busy-wait queued before a host-hidden measurement (~1 ms at H100 clocks): longer
@@ -60,19 +76,20 @@ HIDE_HOST_CYCLES = 2_000_000
 
 
 def time_fn(fn, *, warmup: int = 5, iters: int = 50, flush_l2: bool = True, stream=None,
-            hide_host: bool = False) -> Timing:
+            hide_host: bool = False, flush: str = "write") -> Timing:
     """Median time of ``fn()`` in microseconds, CUDA events around each call on ``stream``.
 
     By default this is the time of a call as a caller sees it when the GPU is idle: the host work
     before the first launch (validation, cache lookups) counts when it is longer than the L2 flush
     queued before the start event. ``hide_host=True`` queues a busy-wait kernel (torch.cuda._sleep, on
     torch's current stream, which must be ``stream``) before the start event, so the host has queued
-    fn's launches by the time it fires: the GPU time of the call alone.
+    fn's launches by the time it fires: the GPU time of the call alone. ``flush``: how the L2 is
+    flushed when ``flush_l2`` (see _L2Flusher).
     """
     import cupy as cp
 
     stream = stream or cp.cuda.get_current_stream()
-    flush = _L2Flusher(cp) if flush_l2 else (lambda: None)
+    flusher = _L2Flusher(cp, flush) if flush_l2 else (lambda: None)
     sleep = None
     if hide_host:
         import torch
@@ -86,7 +103,7 @@ def time_fn(fn, *, warmup: int = 5, iters: int = 50, flush_l2: bool = True, stre
     times = []
     for _ in range(iters):
         with stream:  # the flush is ordered before the timed region on the same stream
-            flush()
+            flusher()
         if sleep is not None:
             sleep()
         start, end = cp.cuda.Event(), cp.cuda.Event()

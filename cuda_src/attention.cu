@@ -177,19 +177,21 @@ struct Outputs {
   template <int kBlockM, int kThreads, typename Sync>
   __device__ __forceinline__ void merge_splits(const WorkItem& w, unsigned char* scratch, int tid, Sync sync) const {
     constexpr int kQuads = kHeadDim / 4;  // float4 columns of a row
-    // kChunk pairs x kSplitStep splits = 16 partial loads in flight per thread (decode: 1 x 16; a
-    // 128-row prefill item: 8 x 2).
-    constexpr int kChunk = ceil_div(kBlockM * kQuads, kThreads) < 8 ? ceil_div(kBlockM * kQuads, kThreads) : 8;
+    // kChunk pairs x kSplitStep splits = 16 partial loads in flight per thread. Decode (16-row items):
+    // 1 x 16, so a GQA group of 4 heads merges 16 splits in one round trip (2 x 8, sized for 16 rows, took
+    // two); a 128-row prefill item: 8 x 2.
+    constexpr int kPairsPerThread = ceil_div(kBlockM * kQuads, kThreads);
+    constexpr int kChunk = kBlockM <= kMmaM ? 1 : (kPairsPerThread < 8 ? kPairsPerThread : 8);
     constexpr int kSplitStep = 16 / kChunk;
     constexpr int kPairsPerPass = kThreads * kChunk;
     sync();  // every thread's partials are stored before this barrier ...
     int* is_last = reinterpret_cast<int*>(scratch);
     if (tid == 0) {
-      __threadfence();  // ... so this fence puts them before the count at device scope
+      fence_acq_rel_gpu();  // ... so this fence puts them before the count at device scope
       int* count = counters + blockIdx.x * gridDim.y + blockIdx.y;
       const int last = atomicAdd(count, 1) == w.num_splits - 1;
       if (last) {
-        __threadfence();  // the other splits' partials (stored before their counts) are read after this
+        fence_acq_rel_gpu();  // the other splits' partials (stored before their counts) are read after this
         *count = 0;       // (after the fence, which would otherwise wait for this store)
       }
       *is_last = last;

@@ -519,15 +519,23 @@ def test_paged_attention_non_causal_decode_split(mods, rng, schedule):
 @pytest.mark.parametrize("split", [False, True], ids=["one_split", "split_kv"])
 def test_paged_attention_decode_without_work_list(mods, rng, schedule, split):
     # a decode-only launch reads no work list and no q_indptr (_run_attention poisons it): sequence =
-    # item = partial row = blockIdx.x; lengths across page boundaries, one empty sequence
+    # item = partial row = blockIdx.x; lengths across page boundaries, one empty sequence, and one long
+    # enough for more than 16 splits (the merge folds them 16 per round trip)
     dtype, heads, kv_heads, d, page = "bfloat16", 8, 2, ATTN_HEAD_DIM, 5
-    kv_lens = [77, 0, 130, 4, 16]
+    kv_lens = [77, 0, 1100, 4, 16]
     kp, vp, table, q_indptr, q, lens = _attention_inputs(rng, [1] * len(kv_lens), kv_lens, heads, kv_heads, d, page,
                                                          dtype)
+    # the long sequence's last keys point along its queries: its highest-scoring splits come last, so
+    # the merge's running maximum must rescale what it folded before
+    group = heads // kv_heads
+    for key in range(1050, 1100):
+        for h in range(kv_heads):
+            qsum = q[2, h * group:(h + 1) * group].astype(np.float32).sum(axis=0)
+            kp[table[2, key // page], key % page, h] = (0.5 * qsum / np.linalg.norm(qsum) * np.sqrt(d)).astype(kp.dtype)
     out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype,
                                      slots=100000 if split else 1, schedule=schedule, decode_only=True)
     assert [s.role for s in specs] == ["decode"] and A.identity_work(specs[0], len(kv_lens))
-    assert (specs[0].num_splits > 1) == split
+    assert specs[0].num_splits > 16 if split else specs[0].num_splits == 1
     TA.check_close(out, lse, q, kp, vp, table, lens, q_indptr, dtype)
 
 

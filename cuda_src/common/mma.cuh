@@ -46,6 +46,12 @@ __device__ __forceinline__ unsigned long long l2_evict_first_policy() {
   return policy;
 }
 
+// fence.acq_rel at GPU scope: this thread's earlier memory operations (and, after a CTA barrier, those
+// of the threads that reached it) are ordered before its later ones for every thread of the GPU. The
+// release / acquire sides of a "last CTA to arrive" count (CUTLASS's grid barrier uses it the same
+// way); __threadfence() is fence.sc, a MEMBAR.SC on sm_90.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
 // cp_async_16_zfill with an L2 cache policy (l2_evict_first_policy).
 __device__ __forceinline__ void cp_async_16_zfill_hint(void* smem, const void* gmem, bool valid,
                                                        unsigned long long policy) {

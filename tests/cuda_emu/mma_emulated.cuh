@@ -43,6 +43,9 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
 // An L2 eviction priority changes no value: the policy is an opaque word the copies ignore here.
 __device__ __forceinline__ unsigned long long l2_evict_first_policy() { return 0x5eedull; }
 
+// Blocks run one after another: every earlier write is visible (as the emulated __threadfence).
+__device__ __forceinline__ void fence_acq_rel_gpu() {}
+
 __device__ __forceinline__ void cp_async_16_zfill_hint(void* smem, const void* gmem, bool valid,
                                                        unsigned long long policy) {
   if (policy != l2_evict_first_policy()) ::cuemu::fail("cp.async L2::cache_hint: policy not made by createpolicy");
