@@ -516,11 +516,12 @@ def test_paged_attention_non_causal_decode_split(mods, rng, schedule):
     TA.check_close(out, lse, q, kp, vp, table, lens, q_indptr, dtype, causal=False)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one_split", "split_kv"])
-def test_paged_attention_decode_without_work_list(mods, rng, schedule, split):
+@pytest.mark.parametrize("slots,splits", [(1, 1), (30, 3), (100000, 18)], ids=["one_split", "3_splits", "18_splits"])
+def test_paged_attention_decode_without_work_list(mods, rng, schedule, slots, splits):
     # a decode-only launch reads no work list and no q_indptr (_run_attention poisons it): sequence =
     # item = partial row = blockIdx.x; lengths across page boundaries, one empty sequence, and one long
-    # enough for more than 16 splits (the merge folds them 16 per round trip)
+    # enough for more than 16 splits (the merge folds them 16 per round trip); with 3 splits, splits of
+    # several tiles, sized per sequence from its own length.
     dtype, heads, kv_heads, d, page = "bfloat16", 8, 2, ATTN_HEAD_DIM, 5
     kv_lens = [77, 0, 1100, 4, 16]
     kp, vp, table, q_indptr, q, lens = _attention_inputs(rng, [1] * len(kv_lens), kv_lens, heads, kv_heads, d, page,
@@ -532,10 +533,10 @@ def test_paged_attention_decode_without_work_list(mods, rng, schedule, split):
         for h in range(kv_heads):
             qsum = q[2, h * group:(h + 1) * group].astype(np.float32).sum(axis=0)
             kp[table[2, key // page], key % page, h] = (0.5 * qsum / np.linalg.norm(qsum) * np.sqrt(d)).astype(kp.dtype)
-    out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype,
-                                     slots=100000 if split else 1, schedule=schedule, decode_only=True)
+    out, lse, specs = _run_attention(mods["attention"], q, kp, vp, table, lens, q_indptr, dtype=dtype, slots=slots,
+                                     schedule=schedule, decode_only=True)
     assert [s.role for s in specs] == ["decode"] and A.identity_work(specs[0], len(kv_lens))
-    assert specs[0].num_splits > 16 if split else specs[0].num_splits == 1
+    assert specs[0].num_splits == splits
     TA.check_close(out, lse, q, kp, vp, table, lens, q_indptr, dtype)
 
 
