@@ -160,3 +160,57 @@ def test_two_threads_loop_gemm_and_attention_on_two_gpus(two_gpus, rng):
 
     _on_both_gpus(work)
     assert not errors, errors
+
+
+def test_ragged_dual_decode_and_cache_run_on_the_inputs_gpu(two_gpus, rng):
+    """The other op forms with their data on GPU 1 and GPU 0 current: the ragged MoE GEMM (16-token
+    tiles) and the dual GEMM with fp16 tokens, a decode-shaped W4A4 group GEMM (tokens dequantized by a
+    first kernel, then a programmatic launch on sm_90), split-KV decode without a work list, and a
+    PagedKVCache made for GPU 1 (append, prefill, decode)."""
+    cp = two_gpus
+    rows, n, k = [0, 5, 16, 1, 37], 200, 704
+    offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
+    a = TG.rand_acts(rng, int(offsets[-1]), k, "float16")
+    b = rng.integers(0, 256, size=(len(rows), n, k // 2), dtype=np.uint8)
+    sb = TG.rand_scales(rng, (len(rows), n, k // 16))
+    ragged_ref = reference.group_gemm_ragged(a, b, None, sb, offsets)
+    m2, n2, k2 = 33, 300, 256
+    a2 = TG.rand_acts(rng, m2, k2, "float16")
+    b1, b2 = TG.rand_packed(rng, n2, k2), TG.rand_packed(rng, n2, k2)
+    s1, s2 = TG.rand_scales(rng, (n2, k2 // 16)), TG.rand_scales(rng, (n2, k2 // 16))
+    dual_ref = reference.dual_gemm(a2, b1, b2, None, s1, s2)
+    A4, B4, SA4, SB4 = TG._group_inputs(rng, [1, 16, 7], [200, 130, 64], [576, 1152, 256], "nvfp4")
+    decode_refs = reference.group_gemm(A4, B4, SA4, SB4)
+    kv_lens = [2049, 1, 130]
+    kp, vp, table = TA.make_cache(rng, kv_lens, page_size=16, kv_heads=2, head_dim=128, dtype="bfloat16")
+    q = TA.make_q(rng, len(kv_lens), 8, 128, "bfloat16")
+    lens = np.array(kv_lens, np.int32)
+    with cp.cuda.Device(1):
+        g = lambda xs: [cp.asarray(x) for x in xs]  # noqa: E731
+        ragged_in = (cp.asarray(a), cp.asarray(b), None, cp.asarray(sb), cp.asarray(offsets))
+        dual_in = (cp.asarray(a2), cp.asarray(b1), cp.asarray(b2), None, cp.asarray(s1), cp.asarray(s2))
+        decode_in = (g(A4), g(B4), g(SA4), g(SB4))
+        attn_in = g((q, kp, vp, table, lens))
+        cache = attention.PagedKVCache(num_pages=40, page_size=5, num_kv_heads=2, head_dim=64, dtype="float16",
+                                       max_pages_per_seq=20)
+    assert cache.device_id == 1
+    with cp.cuda.Device(0):  # current device 0, data on 1
+        outs = [gemm.group_gemm_ragged(*ragged_in), gemm.dual_gemm(*dual_in), *gemm.group_gemm(*decode_in),
+                attention.paged_attention(*attn_in)]
+        assert all(o.device.id == 1 for o in outs)
+        TG._check(TG._to_np(cp, outs[0]), ragged_ref, "float16")
+        TG._check(TG._to_np(cp, outs[1]), dual_ref, "float16")
+        for o, r in zip(outs[2:5], decode_refs):
+            TG._check(TG._to_np(cp, o), r, "float16")
+        TA.check_close(outs[5].get(), None, q, kp, vp, table, lens, None, "bfloat16")
+
+        s = cache.add_sequence()
+        with cp.cuda.Device(1):
+            kv = [cp.asarray(rng.standard_normal((12, 2, 64)).astype(np.float16)) for _ in range(2)]
+            qp = cp.asarray(TA.make_q(rng, 12, 8, 64, "float16"))
+        cache.append([s], kv[0], kv[1], [12])
+        out = cache.attention([s], qp, [12])
+        assert out.device.id == 1
+        tb, ln = (x.get() for x in cache.tables([s]))
+        TA.check_close(out.get(), None, qp.get(), cache.k_pages[0].get(), cache.v_pages[0].get(), tb, ln,
+                       np.array([0, 12], np.int32), "float16")
