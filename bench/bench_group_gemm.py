@@ -183,8 +183,7 @@ def main(argv=None) -> int:
                 ref[r0:r1] = Af[r0:r1] @ dequant(b[g], sb[g]).T
             check(f"{case} {form}", out, ref)
             flops = 2 * total * n * k
-            a_bytes = (total * k // 2 + total * k // 16) if form == "W4A4" else 2 * total * k
-            nbytes = a_bytes + G * (n * k // 2 + n * k // 16) + 2 * total * n
+            nbytes = common.moe_bytes(G, total, n, k, form)
             op = f"moe_decode_{form}"
             res.add(op, case, "cuflash", timed(run), flops=flops, nbytes=nbytes)
             Bh = [dequant(b[g], sb[g], torch.float16) for g in range(G)]

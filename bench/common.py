@@ -148,6 +148,13 @@ def moe_operands(cp, rng, G: int, rows: tuple[int, int], N: int, K: int, form: s
     return a, b, sa, sb, offsets
 
 
+def moe_bytes(G: int, total: int, N: int, K: int, form: str) -> int:
+    """Bytes a ragged MoE call moves at least once: G NVFP4 experts [N, K] with their scales, the
+    ``total`` token rows (NVFP4 with scales in W4A4, fp16 in W4A16) and the fp16 output [total, N]."""
+    tokens = total * (K // 2 + K // 16) if form == "W4A4" else 2 * total * K
+    return tokens + G * (N * K // 2 + N * K // 16) + 2 * total * N
+
+
 def measure_ceilings(torch_available: bool = True) -> dict:
     """Copy bandwidth (TB/s, bytes read + written) and fp16 matmul TFLOP/s, measured here."""
     import cupy as cp

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from bench_group_gemm import GPUMODE_GROUP
-from common import Results, environment, gemm_operands, moe_operands, require_gpu_or_exit, time_fn
+from common import Results, environment, gemm_operands, moe_bytes, moe_operands, require_gpu_or_exit, time_fn
 
 
 # (block_m, warps_m, stages)
@@ -105,7 +105,7 @@ def sweep_moe(cp, res, iters):
             if hopper:
                 configs += [gemm.GemmKernelConfig(tokens, bm, 1, st, arch="hopper", row_blocks=rb)
                             for bm, st, rb in MOE_HOPPER]
-            nbytes = G * N * (K // 2 + K // 16) + total * (K * 2 if form == "W4A16" else K // 2 + K // 16) + 2 * total * N
+            nbytes = moe_bytes(G, total, N, K, form)
             for cfg in configs:
                 name = cfg.kernel_name()
                 try:

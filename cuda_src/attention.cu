@@ -23,6 +23,7 @@
 // one warp while the others only copy.
 #include "common/mbarrier.cuh"
 #include "common/mma.cuh"
+#include "common/last_arrival.cuh"
 #include "common/mask.cuh"
 #include "common/paged.cuh"
 #include "common/softmax.cuh"
@@ -168,10 +169,9 @@ struct Outputs {
   // (H100: ~7 us of ~70).
   //
   // This runs on the critical path of the last split to finish, so it is written for latency: one
-  // fence and one atomic by one thread (the barrier before them orders the CTA's partial stores: the
-  // pattern of a grid barrier), then every partial a thread needs (its (row, float4 column) pairs of
-  // kSplitStep splits, and their LSEs) loaded at once and folded in split order with a running max,
-  // so one L2 round trip per kSplitStep splits. (A first LSE pass for the weights, then the partials,
+  // fence and one atomic by one thread (arrive_is_last, after a barrier), then every partial a thread
+  // needs (its (row, float4 column) pairs of kSplitStep splits, and their LSEs) loaded at once and
+  // folded in split order with a running max, so one L2 round trip per kSplitStep splits. (A first LSE pass for the weights, then the partials,
   // took two.) Every pair is merged at once: one row after another cost a 128-row prefill item ~2
   // dependent L2 round trips per row (H100, S=16384 with 2 splits: 5.8 -> 6.3 ms).
   template <int kBlockM, int kThreads, typename Sync>
@@ -184,18 +184,9 @@ struct Outputs {
     constexpr int kChunk = kBlockM <= kMmaM ? 1 : (kPairsPerThread < 8 ? kPairsPerThread : 8);
     constexpr int kSplitStep = 16 / kChunk;
     constexpr int kPairsPerPass = kThreads * kChunk;
-    sync();  // every thread's partials are stored before this barrier ...
+    sync();  // every thread's partials are stored
     int* is_last = reinterpret_cast<int*>(scratch);
-    if (tid == 0) {
-      fence_acq_rel_gpu();  // ... so this fence puts them before the count at device scope
-      int* count = counters + blockIdx.x * gridDim.y + blockIdx.y;
-      const int last = atomicAdd(count, 1) == w.num_splits - 1;
-      if (last) {
-        fence_acq_rel_gpu();  // the other splits' partials (stored before their counts) are read after this
-        *count = 0;       // (after the fence, which would otherwise wait for this store)
-      }
-      *is_last = last;
-    }
+    if (tid == 0) *is_last = arrive_is_last(counters + blockIdx.x * gridDim.y + blockIdx.y, w.num_splits);
     sync();
     if (!*is_last) return;
     const int ns = w.num_splits, n_pairs = min(kBlockM, w.rows - w.m0) * kQuads;

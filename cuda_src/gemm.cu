@@ -35,6 +35,7 @@
 // problem table, scheduler, pipeline and epilogue rules, with wgmma.mma_async in place of mma.sync.
 #include "common/dequant.cuh"
 #include "common/fp4.cuh"
+#include "common/last_arrival.cuh"
 #include "common/mbarrier.cuh"
 #include "common/mma.cuh"
 #include "common/tile_scheduler.cuh"
@@ -743,9 +744,9 @@ __device__ __forceinline__ void issue_set_wgmma(const unsigned char* tokens_f16,
 // the host's rule), G = gridDim.x <= U, so every CTA gets the same number of stages (to within one) however
 // the tiles fall into waves. A tile split over several CTAs ("pieces") is summed by the piece that
 // finishes last: each piece parks its fp32 accumulators in its CTA's slot (slot 0: the CTA's first
-// segment, 1: its last), then counts itself on the tile's counter; the piece that brings the count to
-// the number of pieces sums every slot in CTA order (deterministic) and runs the epilogue, and puts the
-// counter back to 0 (the attention split merge's pattern: nobody waits). Without a workspace (data parallel) the CTAs walk
+// segment, 1: its last), then counts itself on the tile's counter (arrive_is_last, common/last_arrival.cuh,
+// as the attention split merge); the piece that brings the count to the number of pieces sums every slot
+// in CTA order (deterministic) and runs the epilogue. Without a workspace (data parallel) the CTAs walk
 // whole tiles blockIdx.x, blockIdx.x + G, ...
 struct StreamK {
   float* partials;  // null: data parallel
@@ -815,16 +816,10 @@ __device__ __forceinline__ bool stream_k_fixup(const StreamK& sk, const Segment&
   for (int set = 0; set < Tr::kSets; ++set)
 #pragma unroll
     for (int i = 0; i < Tr::kAcc; ++i) __stcg(mine + (set * Tr::kAcc + i) * kWgConsumerThreads + ct, acc[set][i]);
-  __threadfence();
-  named_barrier_sync(kSkBarrier, kWgConsumerThreads);
+  named_barrier_sync(kSkBarrier, kWgConsumerThreads);  // every consumer thread's part is parked
   const long long t0 = static_cast<long long>(seg.tile) * kts;
   const int c0 = sk_cta_of_unit(t0, units), c1 = sk_cta_of_unit(t0 + kts - 1, units);
-  if (ct == 0) {
-    const bool last = atomicAdd(sk.counters + seg.tile, 1) == c1 - c0;
-    if (last) sk.counters[seg.tile] = 0;  // every piece has counted: ready for the next launch
-    __threadfence();
-    *flag = last;
-  }
+  if (ct == 0) *flag = arrive_is_last(sk.counters + seg.tile, c1 - c0 + 1);
   named_barrier_sync(kSkBarrier, kWgConsumerThreads);
   const bool last = *flag != 0;
   named_barrier_sync(kSkBarrier, kWgConsumerThreads);  // the flag is read before the next piece rewrites it
